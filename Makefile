@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make train` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+# The PyTorch pair this project is tested with (pip takes both from this machine's disk).
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test train bench clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[dev,peers]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# The main job: AGD on Fashion-MNIST with an 8-layer, 256-wide FCN, no learning rate to tune.
+train: $(STAMP)
+	$(BIN)/agd train --arch fcn --dataset fashion-mnist --depth 8 --width 256 --epochs 3
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_overhead.py
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

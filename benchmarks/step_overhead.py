@@ -1,0 +1,106 @@
+"""Median optimizer-step time of AGD relative to torch.optim.SGD and Adam on the same tensors.
+
+    python benchmarks/step_overhead.py [--reps 30] [--device cpu|cuda|all]
+
+Shapes: the CIFAR-10 PreAct-ResNet-18 (21 weight tensors, 11.2M parameters) and a 16-layer,
+512-wide FCN on CIFAR inputs. Every optimizer is timed on its own copy of the same tensors and
+gradients, interleaved round by round, so machine noise hits all of them alike. Targets
+(issue 2): AGD <= 2.5x SGD on the CPU, <= 1.5x SGD on a GPU with no device-to-host sync.
+"""
+import argparse
+import statistics
+import time
+
+import torch
+
+from torch_agd import AGD
+
+
+def resnet18_shapes(classes=10):
+    shapes = [(64, 3, 3, 3)]
+    c_in = 64
+    for c in (64, 128, 256, 512):
+        shapes += [(c, c_in, 3, 3), (c, c, 3, 3)]
+        if c != c_in:
+            shapes.append((c, c_in, 1, 1))  # shortcut convolution
+        shapes += [(c, c, 3, 3), (c, c, 3, 3)]
+        c_in = c
+    return shapes + [(classes, 512)]
+
+
+def fcn_shapes(depth=16, width=512, d_in=3 * 32 * 32, classes=10):
+    return [(width, d_in)] + [(width, width)] * (depth - 2) + [(classes, width)]
+
+
+def make(shapes, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.randn(s, generator=g).to(device).requires_grad_()
+        p.grad = torch.randn(s, generator=g).to(device)
+        params.append(p)
+    return params
+
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3, foreach=True),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+    "agd": lambda ps: AGD(ps, foreach=True),
+    "agd-loop": lambda ps: AGD(ps, foreach=False),
+}
+
+
+def bench(shapes, device, reps):
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    opts = {name: build(make(shapes, device)) for name, build in OPTIMIZERS.items()}
+    times = {name: [] for name in opts}
+    for _ in range(3):  # warm-up: allocator, lazy state, kernels
+        for opt in opts.values():
+            opt.step()
+    sync()
+    for _ in range(reps):
+        for name, opt in opts.items():
+            sync()
+            t0 = time.perf_counter()
+            opt.step()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def check_no_sync(shapes, device):
+    """On CUDA, a step under sync-debug 'error' mode raises on any device-to-host sync."""
+    opt = AGD(make(shapes, device))
+    opt.step()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return "no device-to-host sync"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    args = ap.parse_args()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.reps} reps, median step times")
+    print(f"{'device':6} {'model':18} {'params':>8} {'SGD ms':>8} {'Adam ms':>8} {'AGD ms':>8}"
+          f" {'AGD/SGD':>8} {'AGD/Adam':>9} {'loop/SGD':>9}")
+    for device in devices:
+        for label, shapes in (("preact-resnet18", resnet18_shapes()), ("fcn-16x512", fcn_shapes())):
+            t = bench(shapes, device, args.reps)
+            n = sum(torch.Size(s).numel() for s in shapes)
+            print(f"{device.type:6} {label:18} {n / 1e6:7.1f}M {t['sgd'] * 1e3:8.2f} {t['adam'] * 1e3:8.2f}"
+                  f" {t['agd'] * 1e3:8.2f} {t['agd'] / t['sgd']:8.2f}x {t['agd'] / t['adam']:8.2f}x"
+                  f" {t['agd-loop'] / t['sgd']:8.2f}x")
+            if device.type == "cuda":
+                print(f"{'':6} {label:18} sync check: {check_no_sync(shapes, device)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,447 @@
+"""Experiments: peers, sweep grids and restart logic, figures, the results page.
+
+Sweeps are driven by a fake trainer (an injected runner) that writes run directories the way
+docs/architecture.md says `agd train` does, so nothing here trains a real network except the
+peer tests, which step a tiny model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import math
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from torch_agd.errors import UsageError
+from torch_agd.experiments import plot, results, sweep
+from torch_agd.experiments.peers import PEER_CLASSES, PEERS, build_peer
+
+
+# --- a fake trainer ------------------------------------------------------------------------
+
+def _flags(argv):
+    """`--key value` pairs and bare `--flag`s of an `agd train` command line, as config.json."""
+    config, i = {}, 0
+    while i < len(argv):
+        key = argv[i].lstrip("-").replace("-", "_")
+        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            value = argv[i + 1]
+            for cast in (int, float):
+                try:
+                    value = cast(value)
+                    break
+                except ValueError:
+                    pass
+            config[key], i = value, i + 2
+        else:
+            config[key], i = True, i + 1
+    return config
+
+
+def write_run(run_dir: Path, config: dict, epochs: int, acc: float, *, finished=True, eta=True):
+    """A run directory as `agd train` leaves it: config, metrics per epoch, summary last."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    rows = []
+    for epoch in range(1, epochs + 1):
+        frac = epoch / epochs
+        rows.append({
+            "epoch": epoch, "train_loss": 1.0 / (1 + epoch) + (1 - acc), "train_acc": acc * frac,
+            "test_loss": 1.2 / (1 + epoch) + (1 - acc), "test_acc": acc * frac,
+            "eta_mean": 0.3 / epoch if eta else None, "eta_min": 0.2 / epoch if eta else None,
+            "eta_max": 0.4 / epoch if eta else None, "skipped_steps": 0,
+            "epoch_seconds": 0.5, "train_samples_per_second": 1000.0,
+        })
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "checkpoint.pt").write_bytes(b"fake")
+    if finished:
+        (run_dir / "summary.json").write_text(json.dumps({"test_acc": rows[-1]["test_acc"]}))
+
+
+def _fake_acc(config):
+    """A deterministic accuracy that depends on the run's settings, so tables differ by row."""
+    seed = config.get("seed", 0)
+    adam_bonus = 0.05 if config.get("optimizer") == "adam" else 0.0
+    return (0.5 + 0.02 * seed + 0.001 * config.get("depth", 0) + 0.0001 * config.get("width", 0)
+            + adam_bonus)
+
+
+class FakeTrainer:
+    """Records every launch; writes a finished run, or dies (checkpoint, no summary) at
+    launch number ``die_at``, like a process killed mid-run."""
+
+    def __init__(self, die_at=None, epochs=3):
+        self.calls, self.die_at, self.epochs = [], die_at, epochs
+
+    def __call__(self, argv, log_path):
+        self.calls.append(list(argv))
+        config = _flags(argv)
+        out = Path(config["out"])
+        if self.die_at is not None and len(self.calls) == self.die_at:
+            write_run(out, config, 1, _fake_acc(config), finished=False)
+            raise KeyboardInterrupt  # the sweep itself is interrupted here
+        write_run(out, config, self.epochs, _fake_acc(config), eta=config["optimizer"] == "agd")
+        return 0
+
+
+def _sweep_args(name, root, **kw):
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    argv = [name, "--root", str(root)]
+    for key, value in kw.items():  # value True: a bare flag
+        argv += [f"--{key.replace('_', '-')}"] + ([] if value is True else [str(value)])
+    return parser.parse_args(argv)
+
+
+# --- grids ---------------------------------------------------------------------------------
+
+def _arg(spec, flag):
+    return spec.argv[spec.argv.index(flag) + 1]
+
+
+def test_lr_grid_is_adam_and_sgd_over_five_lrs_beside_agd():
+    specs = sweep.grid_runs("lr", "small", seeds=2)
+    assert len(specs) == 2 * (1 + 2 * 5)
+    pairs = {(_arg(s, "--optimizer"), float(_arg(s, "--lr")) if "--lr" in s.argv else None)
+             for s in specs}
+    assert pairs == {("agd", None)} | {(o, lr) for o in ("adam", "sgd")
+                                       for lr in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)}
+    # one FCN for all of them, and seed-major order: the whole grid at seed 0 first
+    assert len({(_arg(s, "--depth"), _arg(s, "--width")) for s in specs}) == 1
+    assert [s.seed for s in specs] == [0] * 11 + [1] * 11
+    assert len({s.name for s in specs}) == len(specs)
+    assert all(s.name == f"{s.group}-s{s.seed}" for s in specs)
+
+
+def test_shape_grid_covers_depth_by_width_and_paper_scale_matches_the_paper():
+    small = sweep.grid_runs("shape", "small", seeds=1)
+    s = sweep.SCALES["small"]
+    assert len(small) == len(s.shape_depths) * len(s.shape_widths)
+    assert {_arg(x, "--optimizer") for x in small} == {"agd"}
+    assert {_arg(x, "--dataset") for x in small} == {"fashion-mnist"}
+    paper = sweep.grid_runs("shape", "paper", seeds=1)
+    assert {int(_arg(x, "--width")) for x in paper} == {64, 128, 256, 512, 1024, 2048}
+    assert {int(_arg(x, "--depth")) for x in paper} == {2, 4, 8, 16, 32}
+    assert {_arg(x, "--dataset") for x in paper} == {"cifar10"}
+    assert all("--train-subset" not in x.argv for x in paper)
+
+
+def test_batch_grid_spans_32_to_4096_on_a_4_layer_fcn():
+    specs = sweep.grid_runs("batch", "paper", seeds=3)
+    assert sorted({int(_arg(x, "--train_bs")) for x in specs}) == [32, 128, 1024, 4096]
+    assert {_arg(x, "--depth") for x in specs} == {"4"}
+    assert len(specs) == 12
+
+
+def test_peers_grid_has_agd_every_peer_and_adam_over_lrs():
+    specs = sweep.grid_runs("peers", "small", seeds=3, dataset="mnist", epochs=2)
+    optimizers = {_arg(x, "--optimizer") for x in specs}
+    assert optimizers == {"agd", "adam", *PEERS}
+    adam_lrs = {float(_arg(x, "--lr")) for x in specs if _arg(x, "--optimizer") == "adam"}
+    assert adam_lrs == set(sweep.SCALES["small"].peer_adam_lrs) and len(adam_lrs) > 1
+    assert {_arg(x, "--dataset") for x in specs} == {"mnist"}
+    assert {_arg(x, "--epochs") for x in specs} == {"2"}
+    assert {x.seed for x in specs} == {0, 1, 2}
+    # peers run at their published defaults: no --lr
+    assert all("--lr" not in x.argv for x in specs if _arg(x, "--optimizer") in PEERS)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"name": "nope"}, "unknown sweep"), ({"name": "lr", "scale": "huge"}, "--scale"),
+    ({"name": "lr", "seeds": 0}, "--seeds"), ({"name": "lr", "epochs": 0}, "--epochs"),
+])
+def test_bad_grid_requests_are_usage_errors(kw, match):
+    with pytest.raises(UsageError, match=match):
+        sweep.grid_runs(**kw)
+
+
+def test_dry_run_lists_runs_and_launches_nothing(tmp_path, capsys):
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1, dry_run=True), runner=trainer) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert trainer.calls == [] and not (tmp_path / "batch").exists()
+    assert len(out) == 4 and all(line.startswith("new") and "--train_bs" in line for line in out)
+
+
+# --- running, skipping and resuming ------------------------------------------------------
+
+def test_interrupted_sweep_restarts_without_repeating_runs(tmp_path, capsys):
+    specs = sweep.grid_runs("batch", "small", seeds=2)
+    first = FakeTrainer(die_at=3)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(_sweep_args("batch", tmp_path, seeds=2), runner=first)
+    assert len(first.calls) == 3
+    killed = Path(_flags(first.calls[2])["out"]).name
+    assert sweep.run_state(tmp_path / "batch" / killed) == "resume"
+
+    second = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=2), runner=second) == 0
+    started = [Path(_flags(c)["out"]).name for c in second.calls]
+    # the two finished runs are skipped; the killed one is resumed; the rest start fresh
+    assert len(started) == len(specs) - 2
+    assert set(started) == {s.name for s in specs} - {Path(_flags(c)["out"]).name for c in first.calls[:2]}
+    resumed = [Path(_flags(c)["out"]).name for c in second.calls if "--resume" in c]
+    assert resumed == [killed]
+    assert all(sweep.run_state(tmp_path / "batch" / s.name) == "done" for s in specs)
+
+    third = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=2), runner=third) == 0
+    assert third.calls == []
+    table = capsys.readouterr().out
+    assert "| bs32 | 2/2 |" in table and "| bs4096 | 2/2 |" in table
+
+
+def test_failed_runs_are_reported_and_retried(tmp_path, capsys):
+    def failing(argv, log_path):
+        return 3
+
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=failing) == 1
+    assert "4 run(s) failed" in capsys.readouterr().err
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=trainer) == 0
+    assert len(trainer.calls) == 4
+
+
+def test_parallel_jobs_run_every_run_once(tmp_path):
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("shape", tmp_path, seeds=1, jobs=2), runner=trainer) == 0
+    names = sorted(Path(_flags(c)["out"]).name for c in trainer.calls)
+    assert names == sorted(s.name for s in sweep.grid_runs("shape", "small", seeds=1))
+
+
+def test_a_sweep_with_other_settings_in_the_same_root_is_refused(tmp_path):
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=FakeTrainer()) == 0
+    trainer = FakeTrainer()
+    with pytest.raises(UsageError, match="other flags"):
+        sweep.run(_sweep_args("batch", tmp_path, seeds=1, epochs=7), runner=trainer)
+    assert trainer.calls == []
+    # more seeds of the same settings are fine: only the new runs start
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=2), runner=trainer) == 0
+    assert {_flags(c)["seed"] for c in trainer.calls} == {1}
+
+
+def test_subprocess_runner_uses_one_thread_and_logs(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, stdout, stderr, env):
+        seen.update(cmd=cmd, env=env)
+        stdout.write("trained\n")
+        return argparse.Namespace(returncode=0)
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    log = tmp_path / "logs" / "x.log"
+    assert sweep.SubprocessRunner(threads=1)(["--epochs", "1"], log) == 0
+    assert seen["cmd"][1:] == ["-m", "torch_agd", "train", "--epochs", "1"]
+    assert seen["env"]["OMP_NUM_THREADS"] == "1"
+    assert log.read_text().splitlines() == ["$ agd train --epochs 1", "trained"]
+
+
+# --- figures -------------------------------------------------------------------------------
+
+def _png_size(path: Path) -> tuple[int, int]:
+    head = path.read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def _synthetic_sweep(root: Path, name: str, seeds=3) -> list:
+    specs = sweep.grid_runs(name, "small", seeds=seeds)
+    for spec in specs:
+        config = _flags(spec.argv)
+        write_run(root / name / spec.name, config, 3, _fake_acc(config),
+                  eta=config["optimizer"] == "agd")
+    return specs
+
+
+def test_plot_draws_one_line_per_group_and_an_eta_band(tmp_path):
+    specs = _synthetic_sweep(tmp_path, "lr", seeds=3)
+    runs = results.find_runs([tmp_path / "lr"])
+    fig = plot.make_figure(runs)
+    axes = fig.axes
+    groups = {s.group for s in specs}
+    eta_ax, train_loss_ax = axes[0], axes[1]
+    assert len(train_loss_ax.get_lines()) == len(groups) == 11
+    assert train_loss_ax.get_yscale() == "log" and train_loss_ax.get_xlabel() == "epoch"
+    assert len(eta_ax.get_lines()) == 1  # only AGD has an eta
+    assert len(eta_ax.collections) == 1  # its min-max band
+    assert [t.get_text() for t in fig.legends[0].get_texts()][0] == "agd"
+    assert sweep_panel_is(axes[5], xscale="log", xlabel="learning rate")
+    out = plot.save_figure(fig, tmp_path / "lr.png")
+    width, height = _png_size(out)
+    assert width > 500 and height > 300 and out.stat().st_size < 200_000
+
+
+def sweep_panel_is(ax, xscale, xlabel):
+    return ax.get_xscale() == xscale and ax.get_xlabel() == xlabel
+
+
+def test_plot_shape_sweep_has_a_depth_by_width_heatmap(tmp_path):
+    _synthetic_sweep(tmp_path, "shape", seeds=1)
+    runs = results.find_runs([tmp_path / "shape"])
+    assert plot.sweep_kind(runs) == "shape"
+    fig = plot.make_figure(runs)
+    heat = fig.axes[5]
+    image = heat.get_images()[0].get_array()
+    s = sweep.SCALES["small"]
+    assert image.shape == (len(s.shape_depths), len(s.shape_widths))
+    # row i is depth shape_depths[i]: the fake accuracy grows with depth and width
+    assert image[0, 0] < image[-1, -1]
+    assert heat.get_xlabel() == "width" and heat.get_ylabel() == "depth"
+
+
+def test_plot_batch_sweep_is_accuracy_against_batch_size(tmp_path, capsys):
+    _synthetic_sweep(tmp_path, "batch", seeds=2)
+    runs = results.find_runs([tmp_path / "batch"])
+    assert plot.sweep_kind(runs) == "batch"
+    ax = plot.make_figure(runs).axes[5]
+    assert ax.get_xscale() == "log" and ax.get_xlabel() == "batch size"
+    xs = list(ax.get_lines()[0].get_xdata())
+    assert xs == [32, 128, 1024, 4096]
+    # the CLI writes a PNG
+    parser = argparse.ArgumentParser()
+    plot.add_arguments(parser)
+    assert plot.run(parser.parse_args([str(tmp_path / "batch"), "--out", str(tmp_path / "b.png")])) == 0
+    assert (tmp_path / "b.png").stat().st_size > 10_000
+
+
+def test_plot_overlays_several_run_dirs(tmp_path):
+    write_run(tmp_path / "a", {"optimizer": "agd", "seed": 0}, 4, 0.8)
+    write_run(tmp_path / "b", {"optimizer": "adam", "lr": 1e-3, "seed": 0}, 2, 0.7, eta=False)
+    runs = results.find_runs([tmp_path / "a", tmp_path / "b"])
+    fig = plot.make_figure(runs)
+    lines = fig.axes[4].get_lines()  # test accuracy
+    assert [len(line.get_xdata()) for line in lines] == [4, 2]
+    assert math.isclose(lines[0].get_ydata()[-1], 80.0)
+    assert len(fig.axes[5].patches) == 2  # final accuracy bars
+
+
+def test_plot_rejects_bad_input(tmp_path):
+    parser = argparse.ArgumentParser()
+    plot.add_arguments(parser)
+    with pytest.raises(UsageError, match="no runs"):
+        plot.run(parser.parse_args([str(tmp_path)]))
+    with pytest.raises(UsageError, match="not a directory"):
+        plot.run(parser.parse_args([str(tmp_path / "missing")]))
+    write_run(tmp_path / "r", {"optimizer": "agd"}, 1, 0.5)
+    with pytest.raises(UsageError, match=".png"):
+        plot.run(parser.parse_args([str(tmp_path / "r"), "--out", str(tmp_path / "x.pdf")]))
+
+
+# --- results -------------------------------------------------------------------------------
+
+def test_summary_table_gives_mean_and_spread_over_seeds(tmp_path):
+    for seed, acc in enumerate([0.80, 0.84, 0.82]):
+        write_run(tmp_path / f"agd-s{seed}", {"optimizer": "agd", "seed": seed}, 2, acc)
+    write_run(tmp_path / "sgd-s0", {"optimizer": "sgd", "seed": 0}, 2, 0.5, finished=False)
+    table = results.summary_table(results.find_runs([tmp_path]))
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+    assert "| 3/3 | 82.0 ± 2.0 | 80.0–84.0 |" in rows["agd"]
+    assert "| 0/1 | 50.0 |" in rows["sgd"]
+
+
+def test_a_torn_metrics_line_and_a_diverged_run_are_handled(tmp_path):
+    write_run(tmp_path / "r", {"optimizer": "sgd"}, 2, 0.5, finished=False)
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "test_a')  # killed mid-write
+    run = results.load_run(tmp_path / "r")
+    assert len(run.metrics) == 2 and not run.finished
+    assert results.stat([math.nan, math.nan]).fmt() == "diverged"
+    assert results.stat([1.0, math.nan, 3.0]).n == 2
+
+
+def test_results_page_renders_every_grid_with_figures(tmp_path):
+    for name in results.GRID_ORDER:
+        _synthetic_sweep(tmp_path / "runs", name, seeds=3)
+    page = tmp_path / "docs" / "results.md"
+    assert results.main([str(tmp_path / "runs"), "--out", str(page),
+                         "--figures", str(tmp_path / "docs" / "figures")]) == 0
+    text = page.read_text()
+    for name in results.GRID_ORDER:
+        png = tmp_path / "docs" / "figures" / f"{name}.png"
+        assert f"](figures/{name}.png)" in text and 10_000 < png.stat().st_size < 200_000
+    assert "52.7%" in text and "63.7%" in text and "| 4096 | 3 |" in text
+    # the fake AGD (depth 8, width 128) is worse than the fake Adam at any lr: the page says so
+    assert "**AGD loses to tuned Adam**" in text
+    assert "AGD ranks" in text and "± " in text
+
+
+def test_results_page_without_runs_is_an_error(tmp_path, capsys):
+    assert results.main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
+    assert "run the sweeps first" in capsys.readouterr().err
+    assert not (tmp_path / "r.md").exists()
+
+
+# --- peers ---------------------------------------------------------------------------------
+
+def _have(module):
+    try:
+        importlib.import_module(module)
+        return True
+    except ImportError:
+        return False
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models step fastest on one thread, and this machine's cores are shared."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_peer_steps_a_small_model_and_lowers_the_loss(name, one_thread):
+    module, cls_name, default_lr = PEER_CLASSES[name]
+    if not _have(module):
+        pytest.skip(f'{module} is not installed (pip install "torch-agd[peers]")')
+    cls = getattr(importlib.import_module(module), cls_name)
+    # "published defaults": our default lr is the package's own constructor default
+    assert inspect.signature(cls).parameters["lr"].default == default_lr
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    opt = build_peer(name, model.parameters())
+    assert isinstance(opt, cls)
+
+    def loss():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    if hasattr(opt, "eval"):
+        opt.eval()  # Schedule-Free: evaluate at the averaged weights
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(100):
+        if hasattr(opt, "train"):
+            opt.train()
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    if hasattr(opt, "eval"):
+        opt.eval()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < 0.5 * before, (name, before, after)
+
+
+def test_peer_errors_are_one_line_usage_errors(monkeypatch):
+    with pytest.raises(UsageError, match="unknown peer optimizer 'adamw'"):
+        build_peer("adamw", [torch.zeros(2, 2, requires_grad=True)])
+    real_import = importlib.import_module
+
+    def no_prodigy(name, *a):
+        if name == "prodigyopt":
+            raise ModuleNotFoundError("No module named 'prodigyopt'", name="prodigyopt")
+        return real_import(name, *a)
+
+    monkeypatch.setattr(importlib, "import_module", no_prodigy)
+    with pytest.raises(UsageError, match=r'pip install "torch-agd\[peers\]"') as err:
+        build_peer("prodigy", [torch.zeros(2, 2, requires_grad=True)])
+    assert "\n" not in str(err.value)

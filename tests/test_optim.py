@@ -1,0 +1,301 @@
+"""AGD's step: the shared test vectors, equivalence of both paths with a literal transcription of
+the spec, the paper's invariants as properties, edge cases, errors, state and compilation."""
+import copy
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from agd_reference import reference_step, s_of, submatrices
+from torch_agd import AGD, UsageError, init_weights_
+
+VECTORS = json.loads((Path(__file__).parent / "data" / "agd_steps.json").read_text())["cases"]
+FOREACH = [pytest.param(True, id="foreach"), pytest.param(False, id="loop")]
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
+def test_shared_vectors(case, foreach):
+    ws = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in case["weights"]]
+    for w, g in zip(ws, case["grads"]):
+        w.grad = torch.tensor(g, dtype=torch.float64)
+    opt = AGD(ws, gain=case["gain"], depth=case["depth"], foreach=foreach)
+    opt.step()
+    assert opt.eta.item() == pytest.approx(case["eta"], rel=1e-12)
+    for w, e in zip(ws, case["expected"]):
+        torch.testing.assert_close(w.detach(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+
+
+def linear_net():
+    return nn.Sequential(nn.Linear(12, 32, bias=False), nn.ReLU(), nn.Linear(32, 32, bias=False),
+                         nn.ReLU(), nn.Linear(32, 5, bias=False))
+
+
+def conv_net():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, bias=False),
+                         nn.ReLU(), nn.Conv2d(16, 16, 1, bias=False), nn.Flatten(), nn.Linear(16 * 16, 5, bias=False))
+
+
+NETS = {"linear": (linear_net, (16, 12)), "conv": (conv_net, (16, 3, 11, 11))}
+
+
+def loss_of(net, x, y):
+    return (net(x) - y).square().mean()
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_fast_loop_and_literal_spec_agree_over_steps(name):
+    build, in_shape = NETS[name]
+    torch.manual_seed(0)
+    fast = init_weights_(build())
+    loop = copy.deepcopy(fast)
+    opt_fast, opt_loop = AGD(fast, foreach=True), AGD(loop, foreach=False)
+    for step in range(5):
+        x, y = torch.randn(in_shape), torch.randn(in_shape[0], 5)
+        for net, opt in ((fast, opt_fast), (loop, opt_loop)):
+            opt.zero_grad()
+            loss_of(net, x, y).backward()
+        before = [p.detach().clone() for p in fast.parameters()]
+        grads = [p.grad.clone() for p in fast.parameters()]
+        opt_fast.step()
+        opt_loop.step()
+        expected, eta = reference_step(before, grads)
+        assert opt_fast.eta.item() == pytest.approx(eta, rel=1e-5)
+        assert opt_loop.eta.item() == pytest.approx(eta, rel=1e-5)
+        for p, q, e in zip(fast.parameters(), loop.parameters(), expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+shapes = st.lists(st.integers(1, 6), min_size=2, max_size=5).map(tuple)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape_list=st.lists(shapes, min_size=1, max_size=4), log_scale=st.floats(-6, 6),
+       gain=st.floats(0.1, 10), foreach=st.booleans(), seed=st.integers(0, 2**16))
+def test_each_submatrix_moves_by_gain_eta_over_L_times_s(shape_list, log_scale, gain, foreach, seed):
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_() for s in shape_list]
+    for w in ws:
+        w.grad = torch.randn(w.shape, dtype=torch.float64, generator=gen) * 10.0 ** log_scale
+    before = [w.detach().clone() for w in ws]
+    opt = AGD(ws, gain=gain, foreach=foreach)
+    opt.step()
+    eta, L = opt.eta.item(), len(ws)
+    for w, b in zip(ws, before):
+        for idx in submatrices(w):
+            moved = torch.linalg.norm(w.detach()[idx] - b[idx]).item()
+            assert moved == pytest.approx(gain * eta / L * s_of(w.shape), rel=1e-9)
+
+
+@settings(max_examples=25, deadline=None)
+@given(shape_list=st.lists(shapes, min_size=1, max_size=3), factor=st.floats(1e-3, 1e3),
+       foreach=st.booleans(), seed=st.integers(0, 2**16))
+def test_update_direction_ignores_loss_scale(shape_list, factor, foreach, seed):
+    gen = torch.Generator().manual_seed(seed)
+    grads = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shape_list]
+    moves = []
+    for c in (1.0, factor):
+        ws = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shape_list]
+        for w, g in zip(ws, grads):
+            w.grad = g * c
+        opt = AGD(ws, foreach=foreach)
+        opt.step()
+        moves.append([w.detach() / opt.eta for w in ws])  # direction times s(W)/L, eta divided out
+    for a, b in zip(*moves):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_zero_and_missing_gradients(foreach):
+    ws = [torch.randn(4, 3, 3, requires_grad=True), torch.randn(5, 4, requires_grad=True),
+          torch.randn(6, 5, requires_grad=True)]
+    ws[0].grad = torch.randn(4, 3, 3)
+    ws[0].grad[:, :, 1] = 0  # one zero kernel slice
+    ws[1].grad = torch.zeros(5, 4)
+    before = [w.detach().clone() for w in ws]
+    opt = AGD(ws, foreach=foreach)
+    opt.step()  # ws[2].grad is None: skipped
+    assert torch.equal(ws[0][:, :, 1], before[0][:, :, 1])
+    assert not torch.equal(ws[0][:, :, 0], before[0][:, :, 0])
+    assert torch.equal(ws[1], before[1]) and torch.equal(ws[2], before[2])
+    assert all(torch.isfinite(w).all() for w in ws)
+    assert opt.depth == 3 and len(opt.state) == 0  # no per-parameter state at all
+
+
+def test_step_with_no_gradients_does_nothing_and_returns_closure_loss():
+    w = torch.randn(3, 3, requires_grad=True)
+    opt = AGD([w])
+    assert opt.step(lambda: torch.tensor(7.0)).item() == 7.0
+    assert opt.eta is None and opt.steps is None
+
+
+def test_closure_loss_is_returned_and_used():
+    torch.manual_seed(0)
+    net = init_weights_(linear_net())
+    opt = AGD(net)
+    x, y = torch.randn(8, 12), torch.randn(8, 5)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_of(net, x, y)
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        initial = loss_of(net, x, y).item()
+    first = opt.step(closure)
+    assert first.item() == pytest.approx(initial)
+    assert opt.steps.item() == 1 and loss_of(net, x, y).item() < initial
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-branch", "masked"])
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_gradient_leaves_every_weight_unchanged(bad, foreach, masked, monkeypatch):
+    if masked:  # exercise the branch-free path that CUDA and torch.compile take
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    ws = [torch.randn(4, 3, requires_grad=True), torch.randn(2, 4, 3, 3, requires_grad=True)]
+    for w in ws:
+        w.grad = torch.randn(w.shape)
+    opt = AGD(ws, foreach=foreach)
+    opt.step()
+    good = [w.detach().clone() for w in ws]
+    ws[1].grad[0, 1, 2, 2] = bad
+    opt.step()
+    for w, g in zip(ws, good):
+        assert torch.equal(w.detach(), g)
+    assert opt.skipped_steps.item() == 1 and opt.steps.item() == 2 and opt.eta.item() == 0.0
+    ws[1].grad = torch.randn(ws[1].shape)
+    opt.step()
+    assert opt.skipped_steps.item() == 1 and not torch.equal(ws[0].detach(), good[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_half_precision_gradients_accumulate_in_float32(dtype, foreach):
+    torch.manual_seed(0)
+    ws = [torch.randn(64, 32, dtype=dtype, requires_grad=True), torch.randn(16, 64, 3, 3, dtype=dtype, requires_grad=True)]
+    for w in ws:
+        w.grad = (torch.randn(w.shape) * 1e-3).to(dtype)
+    ref32 = [w.detach().float().requires_grad_() for w in ws]
+    for r, w in zip(ref32, ws):
+        r.grad = w.grad.float()
+    opt, opt32 = AGD(ws, foreach=foreach), AGD(ref32)
+    opt.step()
+    opt32.step()
+    assert opt.eta.dtype == torch.float32
+    assert opt.eta.item() == pytest.approx(opt32.eta.item(), rel=1e-5)
+    for w, r in zip(ws, ref32):
+        torch.testing.assert_close(w.detach().float(), r.detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_param_groups_with_their_own_gain():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 4, requires_grad=True), torch.randn(3, 6, requires_grad=True)
+    a.grad, b.grad = torch.randn(6, 4), torch.randn(3, 6)
+    before = [a.detach().clone(), b.detach().clone()]
+    opt = AGD([{"params": [a]}, {"params": [b], "gain": 10.0}], gain=1.0)
+    opt.step()
+    _, eta = reference_step(before, [a.grad, b.grad])
+    for w, w0, gain in ((a, before[0], 1.0), (b, before[1], 10.0)):
+        moved = torch.linalg.norm(w.detach() - w0).item()
+        assert moved == pytest.approx(gain * eta / 2 * s_of(w.shape), rel=1e-5)
+
+
+def test_depth_overrides_L():
+    w = torch.randn(5, 5, requires_grad=True)
+    w.grad = torch.randn(5, 5)
+    w0 = w.detach().clone()
+    opt = AGD([w], depth=4)
+    opt.step()
+    expected, eta = reference_step([w0], [w.grad], depth=4)
+    torch.testing.assert_close(w.detach().double(), expected[0], rtol=1e-5, atol=1e-6)
+
+
+def test_state_dict_round_trip_then_identical_steps():
+    torch.manual_seed(0)
+    net = init_weights_(conv_net())
+    opt = AGD(net, gain=3.0, depth=7)
+    x, y = torch.randn(4, 3, 11, 11), torch.randn(4, 5)
+    for _ in range(2):
+        opt.zero_grad()
+        loss_of(net, x, y).backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    net2 = conv_net()
+    net2.load_state_dict(saved["model"])
+    opt2 = AGD(net2)
+    opt2.load_state_dict(saved["opt"])
+    assert opt2.depth == 7 and opt2.param_groups[0]["gain"] == 3.0
+    assert opt2.steps.item() == 2 and torch.equal(opt2.eta, opt.eta) and opt2.skipped_steps.item() == 0
+    for n, o in ((net, opt), (net2, opt2)):
+        o.zero_grad()
+        loss_of(n, x, y).backward()
+        o.step()
+    for p, q in zip(net.parameters(), net2.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("layer,needle", [
+    (nn.Linear(3, 4), "0.bias"),
+    (nn.Conv2d(3, 4, 3), "bias=False"),
+    (nn.BatchNorm1d(4), "affine=False"),
+    (nn.Embedding(10, 4), "Embedding"),
+    (nn.ConvTranspose2d(3, 4, 3, bias=False), "ConvTranspose2d"),
+])
+def test_construction_rejects_what_the_rule_does_not_cover(layer, needle):
+    with pytest.raises(UsageError, match=needle) as err:
+        AGD(nn.Sequential(layer))
+    assert "\n" not in str(err.value)
+
+
+def test_construction_rejects_scalars_bad_gain_and_depth():
+    with pytest.raises(UsageError, match="0-D"):
+        AGD([torch.randn((), requires_grad=True)])
+    with pytest.raises(UsageError, match="param_groups\\[0\\]\\['params'\\]\\[1\\]"):
+        AGD([torch.randn(2, 2, requires_grad=True), torch.randn(3, requires_grad=True)])
+    for gain in (0, -1.0, math.nan):
+        with pytest.raises(UsageError, match="gain"):
+            AGD([torch.randn(2, 2, requires_grad=True)], gain=gain)
+    with pytest.raises(UsageError, match="depth"):
+        AGD([torch.randn(2, 2, requires_grad=True)], depth=0)
+
+
+def test_sparse_gradient_is_a_clear_error():
+    w = torch.randn(4, 3, requires_grad=True)
+    w.grad = torch.randn(4, 3).to_sparse()
+    with pytest.raises(UsageError, match="sparse"):
+        AGD([w]).step()
+
+
+@pytest.mark.slow
+def test_step_compiles_fullgraph_and_matches_eager():
+    torch.manual_seed(0)
+    eager_net = init_weights_(conv_net())
+    comp_net = copy.deepcopy(eager_net)
+    eager, comp = AGD(eager_net), AGD(comp_net)
+    compiled_step = torch.compile(comp.step, fullgraph=True)
+    x, y = torch.randn(4, 3, 11, 11), torch.randn(4, 5)
+    for i in range(3):
+        for net, opt in ((eager_net, eager), (comp_net, comp)):
+            opt.zero_grad()
+            loss_of(net, x, y).backward()
+        if i == 1:  # a non-finite step must be skipped inside the graph too
+            eager_net[0].weight.grad[0, 0, 0, 0] = math.nan
+            comp_net[0].weight.grad[0, 0, 0, 0] = math.nan
+        eager.step()
+        compiled_step()
+    for p, q in zip(eager_net.parameters(), comp_net.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert comp.steps.item() == 3 and comp.skipped_steps.item() == 1
+    torch.testing.assert_close(comp.eta, eager.eta)

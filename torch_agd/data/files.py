@@ -1,0 +1,145 @@
+"""Dataset files: fetched once, checked against published MD5 sums every time they are read.
+
+A file that fails its checksum is never parsed (the CIFAR batches are pickles: only the
+published bytes may be unpickled) and never trained on: the user gets a one-line UsageError
+that names the file and says how to fix it. Downloads go to a temporary file in the target
+directory and are renamed into place only once their checksum is right, so a crash or a
+concurrent rank never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import sys
+import tempfile
+import urllib.request
+import zlib
+from pathlib import Path
+
+from ..errors import UsageError
+
+_CHUNK = 1 << 20
+TIMEOUT_S = 60.0  # per network operation; a dead mirror must not hang a run forever
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_verified(path: Path, md5: str, *, fix: str, raw_md5: str | None = None) -> bytes:
+    """The bytes of `path` if their MD5 is `md5`; else a UsageError that names the file.
+
+    raw_md5, for a .gz file, is the MD5 of its decompressed content: a copy recompressed by
+    a packager (Debian's dataset-fashion-mnist) holds the published data under a different
+    gzip header, and is accepted when its content matches; the decompressed bytes are then
+    returned, so they are not decompressed twice. `fix` says what the user should do.
+    """
+    data = path.read_bytes()
+    actual = md5_bytes(data)
+    if actual == md5:
+        return data
+    if raw_md5 is not None:
+        try:
+            content = gzip.decompress(data)
+            if md5_bytes(content) == raw_md5:
+                return content
+        except (OSError, EOFError, zlib.error):
+            pass  # not even valid gzip: corrupt, reported below
+    raise UsageError(
+        f"{path} fails its MD5 check ({len(data)} bytes, md5 {actual}, expected {md5}): "
+        f"the file is corrupt or truncated; {fix}"
+    )
+
+
+def download(urls: list[str], dest: Path, md5: str) -> None:
+    """Fetch the first of `urls` that yields bytes with MD5 `md5` into `dest`, atomically.
+
+    Mirrors are tried in order; a mirror that fails (network error, HTTP error, wrong bytes)
+    passes the turn to the next. Raises UsageError naming every URL tried and its error.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    errors = []
+    for url in urls:
+        try:
+            _fetch(url, dest, md5)
+            return
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
+            errors.append(f"{url} ({type(e).__name__}: {e})")
+    raise UsageError(
+        f"could not download {dest.name}: tried {'; '.join(errors)}. Download it yourself "
+        f"(md5 {md5}) into {dest.parent}, or check the network"
+    )
+
+
+def _fetch(url: str, dest: Path, md5: str) -> None:
+    from .. import __version__
+
+    print(f"downloading {url} -> {dest}", file=sys.stderr, flush=True)
+    request = urllib.request.Request(url, headers={"User-Agent": f"torch-agd/{__version__}"})
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        digest = hashlib.md5(usedforsecurity=False)
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=TIMEOUT_S) as r:
+            bar = _progress_bar(r.headers.get("Content-Length"), dest.name)
+            while chunk := r.read(_CHUNK):
+                digest.update(chunk)
+                out.write(chunk)
+                if bar is not None:
+                    bar.update(len(chunk))
+            if bar is not None:
+                bar.close()
+            out.flush()
+            os.fsync(out.fileno())  # the rename below must never expose unwritten bytes
+        if digest.hexdigest() != md5:
+            raise ValueError(f"got md5 {digest.hexdigest()}, expected {md5}")
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _progress_bar(total: str | None, name: str):
+    """A tqdm bar on a terminal; nothing in logs or when tqdm is not installed."""
+    if not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=name)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file in the same directory + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def missing_files_error(name: str, directory: Path, files: list[str], mirrors: list[str],
+                        why: str) -> UsageError:
+    """The one-line error for files that are absent and cannot be downloaded."""
+    where = " or ".join(mirrors)
+    return UsageError(
+        f"{name}: {why}; put {', '.join(files)} in {directory} (download them from {where}), "
+        f"or point --data-dir / $AGD_DATA at a directory that holds {directory.name}/"
+    )

@@ -1,0 +1,300 @@
+"""``agd sweep NAME``: the paper's grids of ``agd train`` runs, restartable at any point.
+
+Each run goes to ROOT/NAME/<group>-s<seed>/ and is launched as its own process
+(``python -m torch_agd train ... --out DIR``), so a crash or a Ctrl-C loses at most the epoch in
+flight. Re-running a sweep skips runs that wrote summary.json, resumes (``--resume``) runs that
+left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's flags, so a
+second sweep with other settings into the same directory is refused instead of silently mixed.
+
+Grids (``--scale paper``: the paper's settings on CIFAR-10; ``--scale small``: Fashion-MNIST,
+small FCNs, a few epochs on a training subset, sized to finish on a 2-core CPU in minutes):
+- lr:    Adam and SGD over lr in {1e-5, ..., 1e-1} beside AGD on one FCN (paper fig. 2);
+- shape: FCN width x depth under AGD (fig. 3);
+- batch: AGD on a 4-layer FCN over batch sizes 32 ... 4096 (fig. 4);
+- peers: AGD vs Prodigy, D-Adaptation Adam, DoG, Schedule-Free AdamW and Adam over a few lrs
+         (its best lr is "tuned Adam"), on one FCN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from itertools import islice
+from pathlib import Path
+from typing import Callable, Sequence
+
+from torch_agd.errors import UsageError
+from torch_agd.experiments import results
+from torch_agd.experiments.peers import PEERS
+
+LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything a grid needs to know about its scale."""
+
+    dataset: str
+    epochs: int | None  # None: the trainer's default (the published 200)
+    train_subset: int | None  # None: the whole training set
+    fcn: tuple[int, int]  # (depth, width) of the FCN in the lr and peers grids
+    shape_depths: tuple[int, ...]
+    shape_widths: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    batch_fcn: tuple[int, int]  # (depth, width) of the FCN in the batch grid
+    peer_adam_lrs: tuple[float, ...]  # Adam is tuned over these in the peers grid
+    batch_size: int = 128  # the published --train_bs, for every grid but batch
+
+
+SCALES = {
+    # The paper's settings (AGD-SPEC.md): FCN depth 8 width 256 for the lr sweep, width 64..2048
+    # x depth 2..32 for the shape sweep, a 4-layer FCN over batch 32..4096, and the depth-16
+    # width-512 FCN of the published CIFAR-10 table for the peers.
+    "paper": Scale(
+        dataset="cifar10", epochs=None, train_subset=None, fcn=(8, 256),
+        shape_depths=(2, 4, 8, 16, 32), shape_widths=(64, 128, 256, 512, 1024, 2048),
+        batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 256), peer_adam_lrs=LRS,
+    ),
+    # Sized for ~20 CPU-minutes for all four grids at 3 seeds, one torch thread per run.
+    "small": Scale(
+        dataset="fashion-mnist", epochs=4, train_subset=10_000, fcn=(8, 128),
+        shape_depths=(2, 4, 8, 16), shape_widths=(32, 128, 512),
+        batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``agd train`` run of a grid: its directory name, group and flags (without --out)."""
+
+    name: str
+    group: str
+    seed: int
+    argv: tuple[str, ...]
+
+
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:.0e}"  # 1e-05 -> "lr1e-05": sorts and reads well in a directory listing
+
+
+def _spec(group: str, seed: int, s: Scale, dataset: str, *, optimizer: str, depth: int,
+          width: int, batch: int | None = None, lr: float | None = None) -> RunSpec:
+    argv = ["--arch", "fcn", "--dataset", dataset, "--depth", str(depth), "--width", str(width),
+            "--train_bs", str(batch or s.batch_size), "--optimizer", optimizer,
+            "--seed", str(seed)]
+    if lr is not None:
+        argv += ["--lr", f"{lr:g}"]
+    if s.epochs is not None:
+        argv += ["--epochs", str(s.epochs)]
+    if s.train_subset is not None:
+        argv += ["--train-subset", str(s.train_subset)]
+    return RunSpec(f"{group}-s{seed}", group, seed, tuple(argv))
+
+
+def _lr_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.fcn
+    specs = [_spec("agd", seed, s, dataset, optimizer="agd", depth=depth, width=width)]
+    for optimizer in ("adam", "sgd"):
+        specs += [_spec(f"{optimizer}-{_lr_tag(lr)}", seed, s, dataset, optimizer=optimizer,
+                        depth=depth, width=width, lr=lr) for lr in LRS]
+    return specs
+
+
+def _shape_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    return [_spec(f"d{depth}-w{width}", seed, s, dataset, optimizer="agd", depth=depth, width=width)
+            for depth in s.shape_depths for width in s.shape_widths]
+
+
+def _batch_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.batch_fcn
+    return [_spec(f"bs{batch}", seed, s, dataset, optimizer="agd", depth=depth, width=width,
+                  batch=batch) for batch in s.batch_sizes]
+
+
+def _peers_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.fcn
+    specs = [_spec(name, seed, s, dataset, optimizer=name, depth=depth, width=width)
+             for name in ("agd", *PEERS)]
+    specs += [_spec(f"adam-{_lr_tag(lr)}", seed, s, dataset, optimizer="adam", depth=depth,
+                    width=width, lr=lr) for lr in s.peer_adam_lrs]
+    return specs
+
+
+GRIDS: dict[str, Callable[[Scale, str, int], list[RunSpec]]] = {
+    "lr": _lr_grid, "shape": _shape_grid, "batch": _batch_grid, "peers": _peers_grid,
+}
+
+
+def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | None = None,
+              epochs: int | None = None, extra: Sequence[str] = ()) -> list[RunSpec]:
+    """The runs of grid ``name``, seed-major (every config at seed 0 first, so an interrupted
+    sweep already covers the whole grid once). ``extra`` flags go to every run."""
+    if name not in GRIDS:
+        raise UsageError(f"unknown sweep '{name}'; choose one of {', '.join(GRIDS)}")
+    if scale not in SCALES:
+        raise UsageError(f"unknown --scale '{scale}'; choose one of {', '.join(SCALES)}")
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
+    s = SCALES[scale]
+    if epochs is not None:
+        if epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {epochs}")
+        s = replace(s, epochs=epochs)
+    specs = [spec for seed in range(seeds) for spec in GRIDS[name](s, dataset or s.dataset, seed)]
+    return [replace(spec, argv=spec.argv + tuple(extra)) for spec in specs]
+
+
+# --- running -------------------------------------------------------------------------------
+
+Runner = Callable[[Sequence[str], Path], int]
+"""runner(train_argv, log_path) -> exit status. train_argv is what follows ``agd train``."""
+
+
+class SubprocessRunner:
+    """Run ``python -m torch_agd train`` as a child process with ``threads`` torch threads."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+
+    def __call__(self, argv: Sequence[str], log_path: Path) -> int:
+        env = dict(os.environ)
+        # Torch sizes its intra-op pool from these at start-up; one thread per run keeps
+        # several concurrent runs (--jobs) from fighting over the cores.
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(self.threads)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            log.write(f"$ agd train {' '.join(argv)}\n")
+            log.flush()
+            cmd = [sys.executable, "-m", "torch_agd", "train", *argv]
+            return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+
+
+def run_state(run_dir: Path) -> str:
+    """'done' (summary.json), 'resume' (a checkpoint but no summary) or 'new'."""
+    if (run_dir / "summary.json").exists():
+        return "done"
+    if (run_dir / "checkpoint.pt").exists():
+        return "resume"
+    return "new"
+
+
+def _check_manifest(sweep_dir: Path, name: str, scale: str, specs: Sequence[RunSpec]) -> dict:
+    """Merge this sweep's runs into sweep.json; refuse a run whose flags changed."""
+    path = sweep_dir / "sweep.json"
+    manifest = {"grid": name, "scale": scale, "runs": {}}
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError:
+            raise UsageError(f"{path} is not valid JSON; delete it to start the sweep afresh") from None
+    if manifest.get("grid") != name:
+        raise UsageError(f"{sweep_dir} holds sweep '{manifest.get('grid')}', not '{name}'; "
+                         f"choose another --root")
+    for spec in specs:
+        old = manifest["runs"].get(spec.name)
+        if old is not None and old != list(spec.argv):
+            raise UsageError(f"{sweep_dir / spec.name} was run with other flags "
+                             f"({' '.join(old)}); use another --root for these settings")
+        manifest["runs"][spec.name] = list(spec.argv)
+    return manifest
+
+
+@dataclass
+class SweepOutcome:
+    skipped: list[str]
+    finished: list[str]
+    failed: list[str]
+
+
+def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *,
+              scale: str = "small", jobs: int = 1, log: Callable[[str], None] = print) -> SweepOutcome:
+    """Run what is left of ``specs`` into root/name/; ``jobs`` runs at a time."""
+    sweep_dir = Path(root) / name
+    manifest = _check_manifest(sweep_dir, name, scale, specs)
+    results.write_text_atomic(sweep_dir / "sweep.json", json.dumps(manifest, indent=1) + "\n")
+    outcome = SweepOutcome([], [], [])
+    todo = []
+    for spec in specs:
+        state = run_state(sweep_dir / spec.name)
+        if state == "done":
+            outcome.skipped.append(spec.name)
+        else:
+            todo.append((spec, state))
+    log(f"sweep {name}: {len(specs)} runs, {len(outcome.skipped)} already finished, "
+        f"{len(todo)} to run")
+
+    def launch(spec: RunSpec, state: str) -> tuple[RunSpec, int, float]:
+        run_dir = sweep_dir / spec.name
+        argv = [*spec.argv, "--out", str(run_dir)] + (["--resume"] if state == "resume" else [])
+        start = time.monotonic()
+        status = runner(argv, sweep_dir / "logs" / f"{spec.name}.log")
+        return spec, status, time.monotonic() - start
+
+    # Runs are handed to the pool only as slots free up, from this thread: after a Ctrl-C (or
+    # any error) nothing new starts, and the runs in flight end with their own SIGINT.
+    queue = iter(todo)
+    count = 0
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        running = {pool.submit(launch, *item) for item in islice(queue, max(1, jobs))}
+        while running:
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                spec, status, seconds = future.result()
+                count += 1
+                ok = status == 0 and run_state(sweep_dir / spec.name) == "done"
+                (outcome.finished if ok else outcome.failed).append(spec.name)
+                verdict = "done" if ok else f"FAILED (exit {status}; see logs/{spec.name}.log)"
+                log(f"[{count}/{len(todo)}] {spec.name}: {verdict} in {seconds:.1f}s")
+                running |= {pool.submit(launch, *item) for item in islice(queue, 1)}
+    return outcome
+
+
+# --- command line --------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", choices=sorted(GRIDS), help="which grid: lr, shape, batch or peers")
+    parser.add_argument("--scale", choices=sorted(SCALES), default="small",
+                        help="paper: the paper's settings on cifar10; small: fashion-mnist, CPU-sized")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (0..N-1)")
+    parser.add_argument("--root", type=Path, default=Path("runs"),
+                        help="runs go to ROOT/NAME/<run>/ (default runs)")
+    parser.add_argument("--dataset", default=None, help="override the scale's dataset")
+    parser.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
+    parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
+                        help="passed to agd train --data-dir")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per run (OMP_NUM_THREADS; default 1)")
+    parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
+                        help="print the runs and what would happen to each; run nothing")
+
+
+def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
+    if args.jobs < 1 or args.threads < 1:
+        raise UsageError("--jobs and --threads must be at least 1")
+    extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
+    specs = grid_runs(args.name, args.scale, args.seeds, args.dataset, args.epochs, extra)
+    sweep_dir = Path(args.root) / args.name
+    if args.dry_run:
+        for spec in specs:
+            state = run_state(sweep_dir / spec.name)
+            print(f"{state:6}  agd train {' '.join(spec.argv)} --out {sweep_dir / spec.name}")
+        return 0
+    outcome = run_sweep(args.name, specs, args.root, runner or SubprocessRunner(args.threads),
+                        scale=args.scale, jobs=args.jobs)
+    runs = [results.load_run(sweep_dir / spec.name) for spec in specs
+            if (sweep_dir / spec.name / "metrics.jsonl").exists()]
+    if runs:
+        print(results.summary_table(runs))
+    if outcome.failed:
+        print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; "
+              f"run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0

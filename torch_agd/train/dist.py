@@ -1,0 +1,102 @@
+"""Where this process sits in a (possibly one-process) job: rank, world size, device.
+
+Built from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or from
+OpenMPI's (OMPI_COMM_WORLD_SIZE/RANK/LOCAL_RANK, which the published cluster scripts relied
+on; MASTER_ADDR/PORT must then be exported by the job script). Without either it is a single
+process and every collective below is the identity, so the trainer has one code path.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from torch_agd.errors import UsageError
+
+# A rank that dies or hangs must end the job, not block the others forever.
+TIMEOUT = datetime.timedelta(minutes=10)
+
+TORCHRUN_HINT = "torchrun --nproc_per_node=N -m torch_agd train --distribute [flags]"
+
+
+def _launcher_env() -> tuple[int, int, int] | None:
+    """(rank, world_size, local_rank) from torchrun or OpenMPI, or None outside a launcher."""
+    for rank, size, local in (("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+                              ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK")):
+        if size in os.environ:
+            try:
+                return int(os.environ[rank]), int(os.environ[size]), int(os.environ.get(local, 0))
+            except (KeyError, ValueError):
+                raise UsageError(f"{size} is set but {rank}/{local} are missing or not integers; "
+                                 f"launch with {TORCHRUN_HINT}") from None
+    return None
+
+
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def create(cls, *, cpu: bool = False, distribute: bool = False) -> "DistEnv":
+        """Read the launcher's environment, pick the device, and join the process group."""
+        launched = _launcher_env()
+        rank, world_size, local_rank = launched or (0, 1, 0)
+        if distribute and launched is None:
+            raise UsageError(f"--distribute needs a launcher that starts one process per device: {TORCHRUN_HINT}")
+        use_cuda = not cpu and torch.cuda.is_available()
+        if use_cuda:
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        env = cls(rank, world_size, local_rank, device)
+        if world_size > 1 and not dist.is_initialized():
+            for var in ("MASTER_ADDR", "MASTER_PORT"):
+                if var not in os.environ:
+                    raise UsageError(f"{var} is not set: export MASTER_ADDR and MASTER_PORT, or use {TORCHRUN_HINT}")
+            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                    timeout=TIMEOUT, device_id=device if use_cuda else None)
+        return env
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over ranks in place (identity for one process); returns it."""
+        if self.distributed:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_(self, tensors) -> None:
+        """Overwrite each tensor with rank 0's copy (e.g. BatchNorm statistics before evaluation)."""
+        if self.distributed:
+            for t in tensors:
+                dist.broadcast(t, src=0)
+
+    def broadcast_object(self, obj):
+        """Rank 0's picklable ``obj`` on every rank (e.g. the run directory's name)."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,379 @@
+"""`agd train`: one run, from flags to a finished run directory.
+
+    flags -> config (fresh, or DIR/config.json on --resume) -> process group -> model (+ init)
+          -> data -> optimizer -> checkpoint? -> epochs (train, evaluate, save) -> summary
+
+Every file of the run directory is written atomically after each epoch, so a run killed at
+any moment resumes from its last completed epoch with `--out DIR --resume` and ends with the
+same weights, bit for bit on the CPU, as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from torch_agd.errors import UsageError
+from torch_agd.models import ARCHS, build_model
+from torch_agd.train import checkpoint as ckpt
+from torch_agd.train.dist import DistEnv
+from torch_agd.train.loop import LOSSES, evaluate, train_epoch
+from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS, build_optimizer
+
+DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagenet")
+
+# dest: (type, default, help). Defaults are applied after parsing (argparse sees None), so
+# that --resume can tell the flags a user typed from the ones left at their defaults.
+FLAGS: dict[str, tuple] = {
+    "arch": (str, "fcn", "network: " + ", ".join(ARCHS)),
+    "dataset": (str, "cifar10", "dataset: " + ", ".join(DATASET_NAMES)),
+    "loss": (str, "mse", "mse (the paper's square loss) or xent (cross-entropy)"),
+    "optimizer": (str, "agd", "agd, the baselines adam and sgd, or a peer: " + ", ".join(OPTIMIZERS[3:])),
+    "lr": (float, None, "learning rate of a baseline or peer (adam 1e-3, sgd 0.1, peers their own); not for agd"),
+    "gain": (float, 1.0, "AGD's gain, its only knob (the paper suggests trying 10)"),
+    "train_bs": (int, 128, "global training batch size, split over processes"),
+    "test_bs": (int, 128, "global evaluation batch size"),
+    "epochs": (int, 200, "epochs to train"),
+    "depth": (int, 10, "number of layers of the fcn (other networks ignore it)"),
+    "width": (int, 256, "hidden width of the fcn (other networks ignore it)"),
+    "seed": (int, 0, "seed of the initial weights and of each epoch's data order and augmentation"),
+    "amp": (bool, False, "bf16 autocast for activations; weights stay float32"),
+    "compile": (bool, False, "torch.compile the model"),
+    "cpu": (bool, False, "train on the CPU even if a GPU is available"),
+    "distribute": (bool, False, "one process per device under torchrun (implied by torchrun)"),
+    "data_dir": (str, None, "where datasets live or are downloaded to (default $AGD_DATA, else ~/.cache/torch-agd)"),
+    "workers": (int, 4, "data-loading processes (imagenet only)"),
+    "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
+}
+CHOICES = {"arch": ARCHS, "dataset": DATASET_NAMES, "loss": tuple(LOSSES), "optimizer": OPTIMIZERS}
+# Where to find things and how fast to go: free to change on --resume. Every other flag
+# defines the run and must match DIR/config.json.
+MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
+TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
+
+
+def _flag(dest: str) -> str:
+    # The published spellings keep their underscore (--train_bs); the new flags use dashes.
+    return "--" + (dest if dest in ("train_bs", "test_bs") else dest.replace("_", "-"))
+
+
+_METAVARS = {"data_dir": "DIR", "out": "DIR"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for dest, (kind, default, text) in FLAGS.items():
+        names = {_flag(dest), "--" + dest, "--" + dest.replace("_", "-")}  # both spellings work
+        names = sorted(names, key=lambda n: n != _flag(dest))
+        shown = "" if default is None or kind is bool else f" (default {default})"
+        if kind is bool:
+            parser.add_argument(*names, dest=dest, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(*names, dest=dest, type=kind, default=None, choices=CHOICES.get(dest),
+                                metavar=None if dest in CHOICES else _METAVARS.get(dest, {int: "N", float: "X"}.get(kind)),
+                                help=text + shown)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out DIR from its last checkpoint, with DIR/config.json")
+
+
+# ------------------------------------------------------------------------ configuration
+
+
+def _given(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
+
+
+def _check_new(config: dict, given: dict) -> None:
+    """One-line errors for values no run can use; raised before anything is loaded."""
+    for dest in ("train_bs", "test_bs", "epochs"):
+        if config[dest] < 1:
+            raise UsageError(f"{_flag(dest)} must be at least 1, got {config[dest]}")
+    if config["workers"] < 0:
+        raise UsageError(f"--workers must be 0 or more, got {config['workers']}")
+    if config["optimizer"] == "agd":
+        if "lr" in given:
+            raise UsageError("--lr does not apply to --optimizer agd (AGD sets its own step size); use --gain")
+        if not 0 < config["gain"] < float("inf"):
+            raise UsageError(f"--gain must be a positive number, got {config['gain']}")
+    elif "gain" in given:
+        raise UsageError(f"--gain only applies to --optimizer agd; {config['optimizer']} takes --lr")
+    if config["lr"] is not None and not 0 < config["lr"] < float("inf"):
+        raise UsageError(f"--lr must be a positive number, got {config['lr']}")
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
+    """The run's full config (every flag) and whether it continues an existing run directory."""
+    given = _given(args)
+    if args.resume:
+        if "out" not in given:
+            raise UsageError("--resume needs --out DIR, the run directory to continue")
+        path = Path(given["out"]) / ckpt.CONFIG
+        if not path.is_file():
+            raise UsageError(f"nothing to resume: {path} does not exist (start the run without --resume)")
+        saved = json.loads(path.read_text())
+        differ = [f"{_flag(k)} {v} (the run has {saved.get(k)})" for k, v in given.items()
+                  if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
+        if differ:
+            raise UsageError(f"--resume: flags differ from {path}: {', '.join(differ)}; "
+                             "drop them to continue the run as it was started")
+        config = {k: saved.get(k, FLAGS[k][1]) for k in FLAGS}
+        config.update({k: given[k] for k in MAY_CHANGE_ON_RESUME if k in given})
+        return config, True
+    config = {k: given.get(k, default) for k, (_, default, _) in FLAGS.items()}
+    if config["lr"] is None:
+        config["lr"] = DEFAULT_LR.get(config["optimizer"])
+    _check_new(config, given)
+    return config, False
+
+
+def _default_out(config: dict) -> str:
+    stem = Path("runs") / f"{config['arch']}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = stem, 1
+    while out.exists():  # two runs started in the same second
+        n += 1
+        out = stem.with_name(f"{stem.name}-{n}")
+    return str(out)
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
+
+
+def _check_new_run_dir(out: Path) -> None:
+    if (out / ckpt.CONFIG).exists():
+        raise UsageError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory")
+
+
+def _start_run_dir(out: Path, config: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    from torch_agd import __version__
+
+    ckpt.atomic_write_json(out / ckpt.CONFIG, {**config, "version": __version__, "git_commit": _git_commit()})
+
+
+# ------------------------------------------------------------------------ reporting
+
+
+class Reporter:
+    """Rank 0's voice: tqdm bars on a terminal, one plain line per epoch otherwise."""
+
+    def __init__(self, env: DistEnv, epochs: int, start: int):
+        self.active = env.is_master
+        self.bars = self.active and sys.stderr.isatty()
+        self.epoch_bar = None
+        if self.bars:
+            from tqdm import tqdm
+
+            self.tqdm = tqdm
+            self.epoch_bar = tqdm(total=epochs, initial=start, desc="epochs", unit="epoch", dynamic_ncols=True)
+
+    def batches(self, iterable, total: int, epoch: int):
+        if not self.bars:
+            return iterable
+        return self.tqdm(iterable, total=total, desc=f"epoch {epoch}", unit="batch", leave=False, dynamic_ncols=True)
+
+    def line(self, text: str) -> None:
+        if self.bars:
+            self.tqdm.write(text)
+        elif self.active:
+            print(text, flush=True)
+
+    def epoch_done(self) -> None:
+        if self.epoch_bar is not None:
+            self.epoch_bar.update()
+
+    def close(self) -> None:
+        if self.epoch_bar is not None:
+            self.epoch_bar.close()
+
+
+def _epoch_line(row: dict, epochs: int) -> str:
+    eta = "" if row["eta_mean"] is None else (
+        f"  eta {row['eta_mean']:.4f} [{row['eta_min']:.4f}, {row['eta_max']:.4f}]"
+        + (f" skipped {row['skipped_steps']}" if row["skipped_steps"] else ""))
+    return (f"epoch {row['epoch']}/{epochs}  train loss {row['train_loss']:.4f} acc {100 * row['train_acc']:.2f}%"
+            f"  test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%{eta}"
+            f"  {row['epoch_seconds']:.1f}s {row['train_samples_per_second']:,.0f} samples/s")
+
+
+def _summary(history: list[dict], out: Path) -> dict:
+    best = max(history, key=lambda r: r["test_acc"])
+    last = history[-1]
+    return {
+        "epochs": last["epoch"],
+        "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+        "train_acc": last["train_acc"], "train_loss": last["train_loss"],
+        "best_test_acc": best["test_acc"], "best_epoch": best["epoch"],
+        "train_seconds": sum(r["epoch_seconds"] for r in history),
+        "run_dir": str(out),
+    }
+
+
+# ------------------------------------------------------------------------ the run
+
+
+def _metrics_row(epoch, train, test, skipped_before, seconds, train_seconds) -> dict:
+    """``train``: synced train_epoch values; ``test``: (loss sum, correct, count)."""
+    loss_sum, correct, count = train["totals"]
+    row = {
+        "epoch": epoch,
+        "train_loss": loss_sum / count, "train_acc": correct / count,
+        "test_loss": test[0] / test[2], "test_acc": test[1] / test[2],
+        "eta_mean": None, "eta_min": None, "eta_max": None, "skipped_steps": None,
+        "epoch_seconds": seconds,
+        "train_samples_per_second": count / train_seconds,
+    }
+    if "eta" in train:
+        eta_sum, eta_min, eta_max, skipped = train["eta"]
+        row.update(eta_mean=eta_sum / train["steps"], eta_min=eta_min, eta_max=eta_max,
+                   skipped_steps=int(skipped) - skipped_before)
+    return row
+
+
+def _sync_train(stats: dict, optimizer, env: DistEnv) -> dict:
+    """One host sync (and one all-reduce) for an epoch's training statistics."""
+    device = stats["loss_sum"].device
+    totals = torch.stack([stats["loss_sum"].double(), stats["correct"].double(),
+                          torch.tensor(float(stats["count"]), dtype=torch.float64, device=device)])
+    env.all_reduce_sum(totals)
+    parts = [totals]
+    if "eta_sum" in stats:  # eta is the same on every rank: it comes from the averaged gradients
+        skipped = getattr(optimizer, "skipped_steps", None)
+        skipped = torch.zeros((), device=device) if skipped is None else skipped
+        parts.append(torch.stack([stats["eta_sum"].double(), stats["eta_min"].double(),
+                                  stats["eta_max"].double(), skipped.double()]))
+    values = torch.cat(parts).tolist()
+    synced = {"totals": values[:3], "steps": stats["steps"]}
+    if len(values) > 3:
+        synced["eta"] = values[3:]
+    return synced
+
+
+def _switch(optimizer, mode: str) -> None:
+    """Schedule-free optimizers hold different weights for training and evaluation."""
+    if callable(getattr(optimizer, mode, None)):
+        getattr(optimizer, mode)()
+
+
+def run(args: argparse.Namespace) -> int:
+    config, resuming = resolve_config(args)
+    env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"])
+    try:
+        return _train(config, resuming, env)
+    finally:
+        env.close()
+
+
+def _train(config: dict, resuming: bool, env: DistEnv) -> int:
+    from torch_agd.data import DATASETS, default_data_dir, load_data
+
+    if config["data_dir"] is None:
+        config["data_dir"] = str(default_data_dir())
+    if config["out"] is None:
+        config["out"] = env.broadcast_object(_default_out(config) if env.is_master else None)
+    out = Path(config["out"])
+    if not resuming:
+        _check_new_run_dir(out)
+    info = DATASETS[config["dataset"]]
+
+    # The weights are drawn on the CPU from the seed, so a run starts from the same weights
+    # on any device and on every rank; module.to() keeps the Parameter objects the optimizer holds.
+    torch.manual_seed(config["seed"])
+    model = build_model(config["arch"], info, depth=config["depth"], width=config["width"])
+    optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"])
+    model.to(env.device)
+
+    if env.is_master:  # rank 0 downloads; the others then find the files in place
+        data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
+    env.barrier()
+    if not env.is_master:
+        data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
+
+    if env.is_master and not resuming:
+        _start_run_dir(out, config)
+    history: list[dict] = []
+    start = 0
+    if resuming and (out / ckpt.CHECKPOINT).exists():
+        state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        ckpt.set_rng_state(state["rng"])
+        history, start = state["metrics"], state["epoch"]
+        if env.is_master:  # the kill may have come between the checkpoint and the metrics file
+            ckpt.atomic_write_jsonl(out / ckpt.METRICS, history)
+
+    train_model = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
+    if config["compile"]:
+        train_model = torch.compile(train_model)
+    # Evaluation runs without DDP: ranks may hold different numbers of test batches.
+    eval_model = train_model if not env.distributed else (torch.compile(model) if config["compile"] else model)
+
+    loss_fn = LOSSES[config["loss"]]
+    epochs = config["epochs"]
+    reporter = Reporter(env, epochs, start)
+    n_params = sum(p.numel() for p in model.parameters())
+    n_tensors = len(list(model.parameters()))
+    reporter.line(f"{'resuming at epoch ' + str(start + 1) + ': ' if start else ''}"
+                  f"{config['arch']} on {config['dataset']} with {config['optimizer']}: {n_params:,} parameters "
+                  f"in {n_tensors} tensors, {env.world_size} x {env.device.type}; run directory {out}")
+    skipped_before = sum(r["skipped_steps"] or 0 for r in history)
+    epoch = start
+    try:
+        for epoch in range(start, epochs):
+            t0 = time.perf_counter()
+            _switch(optimizer, "train")
+            batches = data.train.batches(config["train_bs"], epoch=epoch, seed=config["seed"],
+                                         rank=env.rank, world_size=env.world_size)
+            stats = train_epoch(train_model, optimizer,
+                                reporter.batches(batches, data.train.num_batches(config["train_bs"]), epoch + 1),
+                                loss_fn=loss_fn, device=env.device, amp=config["amp"])
+            train = _sync_train(stats, optimizer, env)
+            t1 = time.perf_counter()
+
+            _switch(optimizer, "eval")
+            env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
+            test = evaluate(eval_model, data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size),
+                            loss_fn=loss_fn, device=env.device, amp=config["amp"])
+            test = env.all_reduce_sum(test).tolist()
+            row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
+            skipped_before += row["skipped_steps"] or 0
+            history.append(row)
+            if env.is_master:  # checkpoint first: metrics.jsonl is rebuilt from it on resume
+                ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model=model, optimizer=optimizer,
+                                     epoch=epoch + 1, metrics=history)
+                ckpt.atomic_write_jsonl(out / ckpt.METRICS, history)
+            reporter.line(_epoch_line(row, epochs))
+            reporter.epoch_done()
+    except KeyboardInterrupt:
+        reporter.close()
+        if env.is_master:
+            print(f"\ninterrupted in epoch {epoch + 1}; {out / ckpt.CHECKPOINT} holds the last completed "
+                  f"epoch ({len(history)}): continue with  agd train --out {out} --resume", file=sys.stderr)
+        return 130
+    reporter.close()
+
+    summary = _summary(history, out)
+    if env.is_master:
+        ckpt.atomic_write_json(out / ckpt.SUMMARY, summary)  # last: marks the run finished
+    reporter.line(f"done: {summary['epochs']} epochs, test accuracy {100 * summary['test_acc']:.2f}% "
+                  f"(best {100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}), "
+                  f"{summary['train_seconds']:.1f}s; run directory {out}")
+    return 0
