@@ -241,9 +241,20 @@ def test_all_mirrors_failing_names_every_url_and_leaves_nothing(tmp_path, server
         files.download(urls, dest, "0" * 32)
     msg = str(e.value)
     assert urls[0] in msg and "404" in msg and urls[1] in msg and "expected " + "0" * 32 in msg
-    assert urls[2] in msg and "IncompleteRead" in msg
+    assert urls[2] in msg and "cut off after 10 of 1000 bytes" in msg
     assert str(dest.parent) in msg
     assert os.listdir(dest.parent) == []  # neither the file nor a temporary
+
+
+def test_failed_download_says_which_files_go_where(tmp_path, monkeypatch, server):
+    _, url = server
+    monkeypatch.setitem(mnist.MIRRORS, "mnist", [url + "absent/"])
+    with pytest.raises(UsageError) as e:
+        load_data("mnist", tmp_path, "cpu", download=True)
+    msg = str(e.value)
+    assert "download failed" in msg and "404" in msg and "\n" not in msg
+    assert all(f in msg for f in IDX_FILES) and str(tmp_path / "mnist") in msg
+    assert os.listdir(tmp_path / "mnist") == []
 
 
 def test_cifar_download_and_extract(tmp_path, monkeypatch, server):

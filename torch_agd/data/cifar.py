@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .files import download, missing_files_error, read_verified, write_atomic
+from .files import DownloadError, download, missing_files_error, read_verified, write_atomic
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,11 @@ def load_cifar(name: str, root: Path, *, download_ok: bool):
             if not download_ok:
                 raise missing_files_error(name, directory, [spec.filename], mirrors,
                                           "files missing and downloading is off")
-            download([m + spec.filename for m in mirrors], archive, spec.md5)
+            try:
+                download([m + spec.filename for m in mirrors], archive, spec.md5)
+            except DownloadError as e:
+                raise missing_files_error(name, directory, [spec.filename], mirrors,
+                                          f"download failed (tried {e.tried})") from None
         data = read_verified(archive, spec.md5, fix=f"delete it and run again to download it "
                              f"afresh, or replace it with {mirrors[0]}{spec.filename}")
         _extract(data, archive, spec.folder, absent, folder)

@@ -62,11 +62,20 @@ def read_verified(path: Path, md5: str, *, fix: str, raw_md5: str | None = None)
     )
 
 
+class DownloadError(UsageError):
+    """No mirror delivered the file; .tried names every URL tried and its error."""
+
+    def __init__(self, message: str, tried: str):
+        super().__init__(message)
+        self.tried = tried
+
+
 def download(urls: list[str], dest: Path, md5: str) -> None:
     """Fetch the first of `urls` that yields bytes with MD5 `md5` into `dest`, atomically.
 
-    Mirrors are tried in order; a mirror that fails (network error, HTTP error, wrong bytes)
-    passes the turn to the next. Raises UsageError naming every URL tried and its error.
+    Mirrors are tried in order; a mirror that fails (network error, HTTP error, cut-off
+    transfer, wrong bytes) passes the turn to the next. Raises DownloadError naming every URL
+    tried and its error.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -76,10 +85,9 @@ def download(urls: list[str], dest: Path, md5: str) -> None:
             return
         except (OSError, http.client.HTTPException, ValueError) as e:  # URLError is an OSError
             errors.append(f"{url} ({type(e).__name__}: {e})")
-    raise UsageError(
-        f"could not download {dest.name}: tried {'; '.join(errors)}. Download it yourself "
-        f"(md5 {md5}) into {dest.parent}, or check the network"
-    )
+    tried = "; ".join(errors)
+    raise DownloadError(f"could not download {dest.name}: tried {tried}. Download it yourself "
+                        f"(md5 {md5}) into {dest.parent}, or check the network", tried)
 
 
 def _fetch(url: str, dest: Path, md5: str) -> None:
@@ -91,14 +99,20 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
     try:
         digest = hashlib.md5(usedforsecurity=False)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=TIMEOUT_S) as r:
-            bar = _progress_bar(r.headers.get("Content-Length"), dest.name)
+            expected = r.headers.get("Content-Length")
+            bar = _progress_bar(expected, dest.name)
+            received = 0
             while chunk := r.read(_CHUNK):
                 digest.update(chunk)
                 out.write(chunk)
+                received += len(chunk)
                 if bar is not None:
                     bar.update(len(chunk))
             if bar is not None:
                 bar.close()
+            if expected is not None and received != int(expected):
+                # urllib returns a short body quietly when the server hangs up
+                raise ValueError(f"transfer cut off after {received} of {expected} bytes")
             out.flush()
             os.fsync(out.fileno())  # the rename below must never expose unwritten bytes
         if digest.hexdigest() != md5:
@@ -140,6 +154,6 @@ def missing_files_error(name: str, directory: Path, files: list[str], mirrors: l
     """The one-line error for files that are absent and cannot be downloaded."""
     where = " or ".join(mirrors)
     return UsageError(
-        f"{name}: {why}; put {', '.join(files)} in {directory} (download them from {where}), "
+        f"{name}: {why}; put {', '.join(files)} in {directory} (download from {where}), "
         f"or point --data-dir / $AGD_DATA at a directory that holds {directory.name}/"
     )

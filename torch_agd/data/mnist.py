@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .files import download, missing_files_error, read_verified
+from .files import DownloadError, download, missing_files_error, read_verified
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -80,7 +80,7 @@ def load_idx_dataset(name: str, root: Path, *, download_ok: bool):
     """
     directory = root / name
     md5s, raw = MD5[name], RAW_MD5.get(name, {})
-    found: dict[str, tuple[Path, str]] = {}
+    found: dict[str, tuple[Path, str | None]] = {}
     for filename in md5s:
         for folder, fix in [(directory, None), *SYSTEM_DIRS.get(name, [])]:
             if (folder / filename).is_file():
@@ -90,8 +90,12 @@ def load_idx_dataset(name: str, root: Path, *, download_ok: bool):
     if missing and not download_ok:
         raise missing_files_error(name, directory, missing, MIRRORS[name],
                                   "files missing and downloading is off")
-    for filename in missing:
-        download([m + filename for m in MIRRORS[name]], directory / filename, md5s[filename])
+    for i, filename in enumerate(missing):
+        try:
+            download([m + filename for m in MIRRORS[name]], directory / filename, md5s[filename])
+        except DownloadError as e:
+            raise missing_files_error(name, directory, missing[i:], MIRRORS[name],
+                                      f"download failed (tried {e.tried})") from None
         found[filename] = (directory / filename, None)
 
     def read(filename: str) -> torch.Tensor:
@@ -120,7 +124,8 @@ def parse_idx(data: bytes, path: Path | str = "<bytes>") -> torch.Tensor:
         except (OSError, EOFError, zlib.error) as e:
             raise UsageError(f"{path} is not valid gzip ({e}); delete it and fetch it again")
     if len(data) < 4 or data[:3] != b"\x00\x00\x08":
-        raise UsageError(f"{path} is not an IDX file of unsigned bytes; delete it and fetch it again")
+        raise UsageError(f"{path} is not an IDX file of unsigned bytes; delete it and fetch it "
+                         f"again")
     ndim = data[3]
     header = 4 + 4 * ndim
     if len(data) < header:
