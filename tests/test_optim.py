@@ -299,3 +299,23 @@ def test_step_compiles_fullgraph_and_matches_eager():
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert comp.steps.item() == 3 and comp.skipped_steps.item() == 1
     torch.testing.assert_close(comp.eta, eager.eta)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_conv_weights_take_the_same_step(layout):
+    # Large conv weights go through the fast path's wide views; channels_last ones cannot be viewed.
+    torch.manual_seed(0)
+    ws = [torch.randn(128, 64, 3, 3), torch.randn(96, 64, 1, 2), torch.randn(10, 128)]
+    gs = [torch.randn(w.shape) for w in ws]
+    if layout == "channels_last":
+        ws[0], gs[0] = ws[0].to(memory_format=torch.channels_last), gs[0].to(memory_format=torch.channels_last)
+    expected, eta = reference_step(ws, gs, gain=2.0)
+    for foreach in (True, False):
+        params = [w.clone().requires_grad_() for w in ws]
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt = AGD(params, gain=2.0, foreach=foreach)
+        opt.step()
+        assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)

@@ -25,6 +25,8 @@ from .scale import check_weight, kernel_shape, named_weights, scale
 # A submatrix whose gradient norm is exactly zero has g(M) == 0, so dividing by this floor
 # instead of the norm leaves it unchanged, with no 0/0, and no branch on a device value.
 _NORM_FLOOR = 1e-30
+# Below this many elements a conv update is cheaper broadcast than through _wide's views.
+_WIDE_MIN = 1 << 16
 
 
 def _eta(G: Tensor) -> Tensor:
@@ -75,8 +77,10 @@ def _wide(w, g, c):
     elements and repeating the K factors m times keeps the arithmetic and gives a long inner loop.
     """
     k = c.numel()
-    if k == 1 or not (w.is_contiguous() and g.is_contiguous()):
-        return w, g, c.view(kernel_shape(w.shape))
+    if k == 1:  # a 0-d factor is a scalar to the CPU kernels; a (1, 1) one is a slow broadcast
+        return w, g, c.reshape(())
+    if w.numel() < _WIDE_MIN or not (w.is_contiguous() and g.is_contiguous()):
+        return w, g, c.view(kernel_shape(w.shape))  # small: the extra repeat would cost more
     m = math.gcd(w.shape[0] * w.shape[1], 64)
     return w.view(-1, m * k), g.view(-1, m * k), c.reshape(-1).repeat(m)
 
