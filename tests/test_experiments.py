@@ -339,7 +339,7 @@ def test_summary_table_gives_mean_and_spread_over_seeds(tmp_path):
     for seed, acc in enumerate([0.80, 0.84, 0.82]):
         write_run(tmp_path / f"agd-s{seed}", {"optimizer": "agd", "seed": seed}, 2, acc)
     write_run(tmp_path / "sgd-s0", {"optimizer": "sgd", "seed": 0}, 2, 0.5, finished=False)
-    table = results.summary_table(results.find_runs([tmp_path]))
+    table = sweep.summary_table(results.find_runs([tmp_path]))
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "| 3/3 | 82.0 ± 2.0 | 80.0–84.0 |" in rows["agd"]
     assert "| 0/1 | 50.0 |" in rows["sgd"]
@@ -368,6 +368,9 @@ def test_results_page_renders_every_grid_with_figures(tmp_path):
     assert "52.7%" in text and "63.7%" in text and "| 4096 | 3 |" in text
     # the fake AGD (depth 8, width 128) is worse than the fake Adam at any lr: the page says so
     assert "**AGD loses to tuned Adam**" in text
+    # ...and lists it again at the top, where a reader looks first
+    top = text.split("## Where AGD loses")[1].split("\n## ")[0]
+    assert "- Peers: AGD loses to tuned Adam by 5.0 points" in top
     assert "AGD ranks" in text and "± " in text
 
 
@@ -445,3 +448,39 @@ def test_peer_errors_are_one_line_usage_errors(monkeypatch):
     with pytest.raises(UsageError, match=r'pip install "torch-agd\[peers\]"') as err:
         build_peer("prodigy", [torch.zeros(2, 2, requires_grad=True)])
     assert "\n" not in str(err.value)
+
+
+def test_peers_sweep_is_drawn_as_final_accuracies_not_an_lr_curve(tmp_path):
+    specs = _synthetic_sweep(tmp_path, "peers", seeds=1)
+    (tmp_path / "peers" / "sweep.json").write_text(json.dumps({"grid": "peers", "runs": {}}))
+    runs = results.find_runs([tmp_path / "peers"])
+    assert plot.sweep_kind(runs) == "final"
+    fig = plot.make_figure(runs)
+    assert len(fig.axes[5].patches) == len(specs)  # one bar per optimizer / Adam lr
+    assert plot._recorded_kind([tmp_path / "peers"]) == "final"
+    assert plot._recorded_kind([tmp_path / "peers", tmp_path]) is None
+    with pytest.raises(UsageError, match="figure kind"):
+        plot.make_figure(runs, kind="pie")
+
+
+def test_a_diverging_run_does_not_flatten_the_loss_axes(tmp_path):
+    write_run(tmp_path / "agd-s0", {"optimizer": "agd", "seed": 0}, 3, 0.8)
+    write_run(tmp_path / "adam-s0", {"optimizer": "adam", "lr": 0.1, "seed": 0}, 3, 0.1, eta=False)
+    rows = [json.loads(line) for line in (tmp_path / "adam-s0" / "metrics.jsonl").read_text().splitlines()]
+    rows[0]["train_loss"] = 1e11
+    (tmp_path / "adam-s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ax = plot.make_figure(results.find_runs([tmp_path])).axes[1]
+    assert ax.get_ylim()[1] < 100
+    assert any("capped" in t.get_text() for t in ax.texts)
+
+
+def test_a_finished_run_without_metrics_is_resumed_not_skipped(tmp_path):
+    # summary.json alone is not enough: the page needs metrics.jsonl, and `agd train --resume`
+    # rebuilds it from the checkpoint
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=FakeTrainer()) == 0
+    (tmp_path / "batch" / "bs128-s0" / "metrics.jsonl").unlink()
+    assert sweep.run_state(tmp_path / "batch" / "bs128-s0") == "resume"
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=trainer) == 0
+    assert [Path(_flags(c)["out"]).name for c in trainer.calls] == ["bs128-s0"]
+    assert "--resume" in trainer.calls[0]

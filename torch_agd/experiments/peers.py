@@ -22,13 +22,13 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Iterable
 
-import torch
+from torch.optim import Optimizer
 
 from torch_agd.errors import UsageError
 
 PIP_HINT = 'pip install "torch-agd[peers]"'
 
-Builder = Callable[..., torch.optim.Optimizer]
+Builder = Callable[..., Optimizer]
 
 
 def _load(name: str, module: str, cls: str):
@@ -43,7 +43,7 @@ def _load(name: str, module: str, cls: str):
 
 
 def _peer(name: str, module: str, cls: str, default_lr: float) -> Builder:
-    def build(params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
+    def build(params: Iterable, lr: float | None = None) -> Optimizer:
         optimizer_cls = _load(name, module, cls)
         if lr is not None and not lr > 0:
             raise UsageError(f"--lr for {name} must be positive (got {lr}); omit it for the default")
@@ -66,7 +66,7 @@ PEER_CLASSES: dict[str, tuple[str, str, float]] = {
 PEERS: dict[str, Builder] = {name: _peer(name, *spec) for name, spec in PEER_CLASSES.items()}
 
 
-def build_peer(name: str, params: Iterable, lr: float | None = None) -> torch.optim.Optimizer:
+def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimizer:
     """Build the peer called ``name``; an unknown name is a UsageError listing the known ones."""
     try:
         builder = PEERS[name]

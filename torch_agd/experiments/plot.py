@@ -17,8 +17,10 @@ no display needed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Sequence
@@ -48,13 +50,22 @@ def _distinct(runs: Sequence[Run], key: str) -> list:
     return sorted({run.param(key) for run in runs if run.param(key) is not None})
 
 
+KINDS = ("shape", "batch", "lr", "final")
+GRID_KINDS = {"shape": "shape", "batch": "batch", "lr": "lr", "peers": "final"}  # sweep -> panel
+
+
 def sweep_kind(runs: Sequence[Run]) -> str:
-    """What the runs sweep over: 'shape', 'batch', 'lr' or 'final' (anything else)."""
+    """What the runs sweep over: 'shape', 'batch', 'lr' or 'final' (anything else).
+
+    'lr' needs most groups to have an lr: the peers sweep tunes Adam over a few lrs, but it is a
+    comparison of optimizers, drawn as final accuracies."""
     if len(_distinct(runs, "depth")) > 1 and len(_distinct(runs, "width")) > 1:
         return "shape"
     if len(_distinct(runs, "train_bs")) > 1:
         return "batch"
-    if len(_distinct(runs, "lr")) > 1:
+    groups = group_runs(runs).values()
+    with_lr = sum(members[0].param("lr") is not None for members in groups)
+    if len(_distinct(runs, "lr")) > 1 and with_lr > len(groups) - with_lr:
         return "lr"
     return "final"
 
@@ -73,6 +84,11 @@ def _seed_curves(members: Sequence[Run], key: str, scale: float):
 MAX_BANDS = 6  # more overlapping seed bands than this hide the lines they belong to
 
 
+def _marker(epochs: Sequence[int]) -> str:
+    """Dots on short runs, so a run of one or two epochs is still visible."""
+    return "." if len(epochs) <= 20 else ""
+
+
 def _epoch_axis(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -82,17 +98,25 @@ def _epoch_axis(ax) -> None:
 
 def _draw_curves(ax, groups: dict[str, list[Run]], colors: dict, key: str, label: str,
                  log: bool, percent: bool) -> None:
+    plotted = []
     for group, members in groups.items():
         epochs, mean, lo, hi = _seed_curves(members, key, 100.0 if percent else 1.0)
+        plotted += [m for m in mean if math.isfinite(m)]
         if not any(math.isfinite(m) for m in mean):
             continue
-        ax.plot(epochs, mean, color=colors[group], label=group)
+        ax.plot(epochs, mean, color=colors[group], label=group, marker=_marker(epochs))
         if len(members) > 1 and len(groups) <= MAX_BANDS:
             ax.fill_between(epochs, lo, hi, color=colors[group], alpha=0.2, linewidth=0)
     _epoch_axis(ax)
     ax.set_ylabel(label)
     if log:
         ax.set_yscale("log")
+        # One diverging run (Adam at lr 0.1 reaches 1e11) would flatten every other line: cap the
+        # axis at 10x the median point and say so.
+        if plotted and max(plotted) > 10 * statistics.median(plotted):
+            ax.set_ylim(top=10 * statistics.median(plotted))
+            ax.text(0.98, 0.98, "axis capped; larger values off the top", fontsize=7,
+                    ha="right", va="top", transform=ax.transAxes)
 
 
 def _draw_eta(ax, groups: dict[str, list[Run]], colors: dict) -> None:
@@ -108,7 +132,7 @@ def _draw_eta(ax, groups: dict[str, list[Run]], colors: dict) -> None:
             continue  # not an AGD run
         _, _, lo, _ = _seed_curves(members, "eta_min", 1.0)
         _, _, _, hi = _seed_curves(members, "eta_max", 1.0)
-        ax.plot(epochs, mean, color=colors[group], label=group)
+        ax.plot(epochs, mean, color=colors[group], label=group, marker=_marker(epochs))
         if len(lo) == len(epochs) and len(hi) == len(epochs):
             ax.fill_between(epochs, lo, hi, color=colors[group], alpha=alpha, linewidth=0)
         drawn += 1
@@ -172,6 +196,9 @@ def _draw_final(ax, groups: dict[str, list[Run]], colors: dict) -> None:
     ax.bar(range(len(names)), means, yerr=err, capsize=3, color=[colors[g] for g in names])
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     ax.set_ylabel("final test accuracy (%)")
+    lows = [s.lo * 100 for s in stats if s.n]
+    if lows:  # zoom in on the differences, as long as every bar keeps some height
+        ax.set_ylim(bottom=max(0.0, min(lows) - 5))
 
 
 FAMILY_MAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")
@@ -196,14 +223,17 @@ def _colors(groups: dict[str, list[Run]], by_optimizer: bool) -> dict:
     return colors
 
 
-def make_figure(runs: Sequence[Run], title: str | None = None):
-    """The six-panel figure for ``runs`` (a matplotlib Figure, not yet saved)."""
+def make_figure(runs: Sequence[Run], title: str | None = None, kind: str | None = None):
+    """The six-panel figure for ``runs`` (a matplotlib Figure, not yet saved). ``kind`` picks
+    the summary panel (one of KINDS); None guesses it from what varies between the runs."""
     if not runs:
         raise UsageError("nothing to plot: no runs found")
     Figure = _figure_class()
 
     groups = group_runs(runs)
-    kind = sweep_kind(runs)
+    kind = kind or sweep_kind(runs)
+    if kind not in KINDS:
+        raise UsageError(f"unknown figure kind {kind!r}; choose one of {', '.join(KINDS)}")
     colors = _colors(groups, by_optimizer=kind == "lr")
 
     fig = Figure(figsize=(15, 8.5), layout="constrained")
@@ -246,6 +276,17 @@ def save_figure(fig, path: Path, dpi: int = 72) -> Path:
     return path
 
 
+def _recorded_kind(dirs: Sequence[Path]) -> str | None:
+    """The panel for one sweep directory, from the grid its sweep.json records."""
+    if len(dirs) != 1 or not (dirs[0] / "sweep.json").exists():
+        return None
+    try:
+        grid = json.loads((dirs[0] / "sweep.json").read_text()).get("grid")
+    except ValueError:
+        return None
+    return GRID_KINDS.get(grid)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR",
                         help="run directories or sweep directories (their runs are overlaid)")
@@ -260,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out must name a .png file, got {out}")
     runs = find_runs(args.dirs)
-    fig = make_figure(runs, args.title or ", ".join(str(d) for d in args.dirs))
+    fig = make_figure(runs, args.title or ", ".join(str(d) for d in args.dirs),
+                      _recorded_kind(args.dirs))
     save_figure(fig, out, dpi=args.dpi)
     print(f"wrote {out} ({len(runs)} runs)")
     return 0

@@ -20,17 +20,13 @@ import re
 import statistics
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from torch_agd.errors import UsageError
 
 _SEED_SUFFIX = re.compile(r"-s(\d+)$")
-
-# config.json holds every flag under its argparse name; older or hand-made configs may use the
-# dashed spelling, so both are accepted.
-_ALIASES = {"train_bs": ("train_bs", "train-bs", "batch_size")}
 
 
 @dataclass
@@ -41,7 +37,6 @@ class Run:
     config: dict
     metrics: list[dict]
     finished: bool  # summary.json exists: every epoch completed
-    summary: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -53,10 +48,9 @@ class Run:
         return _SEED_SUFFIX.sub("", self.name)
 
     def param(self, key: str, default=None):
-        for alias in _ALIASES.get(key, (key,)):
-            if alias in self.config:
-                return self.config[alias]
-        return default
+        """A flag of the run, from config.json (argparse names: train_bs, lr, depth, ...)."""
+        value = self.config.get(key)
+        return default if value is None else value
 
     def final(self, key: str) -> float:
         """The last epoch's value of ``key`` (NaN if there is none, e.g. a diverged run)."""
@@ -89,14 +83,7 @@ def load_run(path: Path) -> Run:
             metrics.append(json.loads(line))
         except ValueError:
             continue
-    summary_path = path / "summary.json"
-    return Run(
-        path=path,
-        config=_read_json(path / "config.json"),
-        metrics=metrics,
-        finished=summary_path.exists(),
-        summary=_read_json(summary_path),
-    )
+    return Run(path, _read_json(path / "config.json"), metrics, (path / "summary.json").exists())
 
 
 def find_runs(paths: Iterable[Path | str]) -> list[Run]:
@@ -176,19 +163,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     return "\n".join(lines)
 
 
-def summary_table(runs: Sequence[Run]) -> str:
-    """One row per group: seeds, final test accuracy and train loss (mean ± sd, min–max)."""
-    rows = []
-    for group, members in group_runs(runs).items():
-        acc, loss = final_stat(members, "test_acc"), final_stat(members, "train_loss")
-        done = sum(run.finished for run in members)
-        rows.append([group, f"{done}/{len(members)}", acc.fmt(100), acc.fmt_range(100),
-                     loss.fmt(1, 4)])
-    return markdown_table(
-        ["run", "finished", "test acc % (mean ± sd)", "test acc % (min–max)", "train loss"], rows
-    )
-
-
 def make_readable(path: str) -> None:
     """mkstemp creates files 0600; give the final file the mode a plain open() would."""
     umask = os.umask(0)
@@ -260,36 +234,37 @@ def _versus(agd: list[Run], other: list[Run], name: str) -> str:
     return f"AGD beats {name} by {-gap:.1f} points of test accuracy ({where})"
 
 
+def _accuracy_cells(members: Sequence[Run]) -> list[str]:
+    """seeds, test acc mean ± sd, test acc min–max, final train loss: every table's columns."""
+    acc = final_stat(members, "test_acc")
+    return [str(len(members)), _pct(acc), acc.fmt_range(100), _loss(final_stat(members, "train_loss"))]
+
+
+ACCURACY_HEADERS = ["seeds", "test acc %", "test acc % (min–max)", "final train loss"]
+
+
 def render_lr(runs: Sequence[Run]) -> str:
     groups = group_runs(runs)
-    rows = []
-    for group, members in groups.items():
-        first = members[0]
-        lr = first.param("lr")
-        rows.append([first.param("optimizer"), "-" if lr is None else f"{lr:g}", len(members),
-                     _loss(final_stat(members, "train_loss")), _pct(final_stat(members, "test_acc")),
-                     final_stat(members, "test_acc").fmt_range(100)])
-    text = [markdown_table(["optimizer", "lr", "seeds", "final train loss", "test acc %",
-                            "test acc % (min–max)"], rows), ""]
-    text += [f"Paper: {PAPER_LR}.", "", "Ours:", ""]
+    rows = [[m[0].param("optimizer"), "-" if m[0].param("lr") is None else f"{m[0].param('lr'):g}",
+             *_accuracy_cells(m)] for m in groups.values()]
+    text = [markdown_table(["optimizer", "lr", *ACCURACY_HEADERS], rows), "",
+            f"Paper: {PAPER_LR}.", "", "Ours:", ""]
     agd = groups.get("agd")
     for optimizer in ("adam", "sgd"):
         names = [g for g, m in groups.items() if m[0].param("optimizer") == optimizer]
-        best_loss = _best(groups, names, "train_loss", lowest=True)
-        best_acc = _best(groups, names, "test_acc", lowest=False)
-        if best_loss is None:
+        by_acc, by_loss = _best(groups, names, "test_acc", False), _best(groups, names, "train_loss", True)
+        if by_acc is None or by_loss is None:
             continue
-        lr = groups[best_loss][0].param("lr")
-        line = f"- {optimizer}: best lr by final train loss {lr:g}"
+        lr_acc, lr_loss = groups[by_acc][0].param("lr"), groups[by_loss][0].param("lr")
+        line = f"- {optimizer}: best lr {lr_acc:g} by test accuracy, {lr_loss:g} by train loss"
         if agd:
-            a, b = final_stat(agd, "train_loss"), final_stat(groups[best_loss], "train_loss")
-            verdict = "lower" if a.mean < b.mean else "**higher**"
-            rival = f"{optimizer} at its best lr ({groups[best_acc][0].param('lr'):g})"
-            line += (f"; AGD's train loss {_loss(a)} is {verdict} than {optimizer} at that lr "
-                     f"({_loss(b)}); {_versus(agd, groups[best_acc], rival)}")
-            beaten = sum(final_stat(agd, "test_acc").mean > final_stat(groups[n], "test_acc").mean
-                         or not final_stat(groups[n], "test_acc").n for n in names)
-            line += f"; AGD beats {optimizer} at {beaten} of {len(names)} learning rates"
+            a, b = final_stat(agd, "train_loss"), final_stat(groups[by_loss], "train_loss")
+            beaten = sum(not final_stat(groups[n], "test_acc").n or final_stat(agd, "test_acc").mean
+                         > final_stat(groups[n], "test_acc").mean for n in names)
+            line += (f". {_versus(agd, groups[by_acc], f'{optimizer} at lr {lr_acc:g}')}. AGD's final "
+                     f"train loss {_loss(a)} is {'lower' if a.mean < b.mean else '**higher**'} than "
+                     f"{optimizer}'s lowest ({_loss(b)}). AGD beats {optimizer} at {beaten} of "
+                     f"{len(names)} learning rates")
         text.append(line + ".")
     return "\n".join(text)
 
@@ -317,28 +292,21 @@ def render_shape(runs: Sequence[Run]) -> str:
 
 def render_batch(runs: Sequence[Run]) -> str:
     groups = group_runs(runs)
-    rows = []
-    accs = {}
-    for members in groups.values():
-        batch = members[0].param("train_bs")
-        acc = final_stat(members, "test_acc")
-        accs[batch] = acc
-        paper = PAPER_BATCH.get(batch)
-        rows.append([batch, len(members), _pct(acc), acc.fmt_range(100),
-                     _loss(final_stat(members, "train_loss")),
-                     "-" if paper is None else f"{paper:.1f}"])
-    text = [markdown_table(["batch size", "seeds", "test acc %", "test acc % (min–max)",
-                            "final train loss", "paper test acc % (CIFAR-10)"], rows), ""]
+    rows = [[m[0].param("train_bs"), *_accuracy_cells(m),
+             f"{PAPER_BATCH[m[0].param('train_bs')]:.1f}" if m[0].param("train_bs") in PAPER_BATCH else "-"]
+            for m in groups.values()]
+    text = [markdown_table(["batch size", *ACCURACY_HEADERS, "paper test acc % (CIFAR-10)"], rows), ""]
+    accs = {m[0].param("train_bs"): final_stat(m, "test_acc") for m in groups.values()}
     finite = {b: s for b, s in accs.items() if s.n}
     if finite:
-        best = max(finite, key=lambda b: finite[b].mean)
-        largest = max(finite)
+        best, largest = max(finite, key=lambda b: finite[b].mean), max(finite)
         drop = (finite[best].mean - finite[largest].mean) * 100
-        text.append(f"Ours: best at batch {best} ({_pct(finite[best])}%); at batch {largest} test "
-                    f"accuracy is {drop:.1f} points lower. Every run has the same number of epochs, "
-                    f"so a larger batch takes fewer steps. The paper's accuracy rises from batch 32 "
-                    f"to 1024 and holds at 4096" + (
-                        "; **ours falls at large batch**, where the paper's does not." if drop > 1 else "."))
+        fall = f"at batch {largest} AGD's test accuracy is {drop:.1f} points below its best"
+        text.append(f"Ours: best at batch {best} ({_pct(finite[best])}%). Every run has the same "
+                    f"number of epochs, so a larger batch takes fewer steps. "
+                    + (f"**Unlike the paper's, {fall}** (the paper's rises from batch 32 to 1024 "
+                       f"and holds at 4096)." if drop > 1 else
+                       f"As in the paper, {fall} (the paper's holds from 1024 to 4096)."))
     return "\n".join(text)
 
 
@@ -357,11 +325,8 @@ def render_peers(runs: Sequence[Run]) -> str:
             lrs = ", ".join(f"{groups[g][0].param('lr'):g}" for g in adam)
             label = f"adam (tuned: best of lr {lrs}) lr {members[0].param('lr'):g}"
         seconds = stat(row.get("epoch_seconds", math.nan) for run in members for row in run.metrics)
-        rows.append([rank, label, len(members), _pct(final_stat(members, "test_acc")),
-                     final_stat(members, "test_acc").fmt_range(100),
-                     _loss(final_stat(members, "train_loss")), seconds.fmt(1, 2)])
-    text = [markdown_table(["rank", "optimizer", "seeds", "test acc %", "test acc % (min–max)",
-                            "final train loss", "s / epoch"], rows), ""]
+        rows.append([rank, label, *_accuracy_cells(members), seconds.fmt(1, 2)])
+    text = [markdown_table(["rank", "optimizer", *ACCURACY_HEADERS, "s / epoch"], rows), ""]
     text += [f"Paper: {PAPER_PEERS}.", ""]
     if "agd" in shown:
         text += [f"Ours: AGD ranks {order.index('agd') + 1} of {len(order)} by mean test accuracy.", ""]
@@ -370,6 +335,7 @@ def render_peers(runs: Sequence[Run]) -> str:
     return "\n".join(text)
 
 
+SHORT = {"lr": "Learning rate", "shape": "Shape", "batch": "Batch size", "peers": "Peers"}
 RENDERERS = {"lr": render_lr, "shape": render_shape, "batch": render_batch, "peers": render_peers}
 TITLES = {
     "lr": "Learning rate: Adam and SGD over lr beside AGD (paper fig. 2)",
@@ -388,23 +354,26 @@ def _setup(runs: Sequence[Run]) -> str:
     seeds = {run.param("seed") for run in runs}
     cpu = sum(float(row.get("epoch_seconds") or 0) for run in runs for row in run.metrics)
     commits = values("git_commit")
+    subset = values("train_subset")
     return (f"{len(runs)} runs ({sum(r.finished for r in runs)} finished); seeds per configuration: "
-            f"{len(seeds)}; dataset: {values('dataset')}; epochs: {values('epochs')}; training "
-            f"subset: {values('train_subset')}; torch-agd {values('version')}"
-            + (f", commit {commits}" if commits != "-" else "")
-            + f"; {cpu / 60:.1f} minutes of training time in total.")
+            f"{len(seeds)}; dataset: {values('dataset')}"
+            + (f" (training subset: {subset})" if subset != "-" else "")
+            + f"; epochs: {values('epochs')}; torch-agd {values('version')}"
+            + (f", git HEAD when run {commits}" if commits != "-" else "")
+            + f"; {cpu / 60:.1f} minutes of epoch time (training and evaluation) in all.")
 
 
 def render_page(root: Path, page: Path, figures: Path) -> str:
     """docs/results.md from ROOT/{lr,shape,batch,peers}; writes the figures under ``figures``."""
-    from torch_agd.experiments.plot import make_figure, save_figure
+    from torch_agd.experiments.plot import GRID_KINDS, make_figure, save_figure
 
     root, page, figures = Path(root), Path(page), Path(figures)
+    header = 4  # the title and the paragraph under it; the summary of losses follows them
     parts = ["# Results", "",
              "Generated by `scripts/make_results.sh` from the run directories under "
              f"`{root}/`; do not edit by hand. Numbers are the final epoch's, as mean ± sample "
              "standard deviation over seeds, with the lowest–highest seed beside them.", ""]
-    all_runs = []
+    all_runs, losses = [], []
     for grid in GRID_ORDER:
         parts += [f"## {TITLES[grid]}", ""]
         try:
@@ -413,16 +382,29 @@ def render_page(root: Path, page: Path, figures: Path) -> str:
             parts += [f"Not run: no runs under `{root / grid}` (run `agd sweep {grid}`).", ""]
             continue
         all_runs += runs
-        fig = make_figure(runs, TITLES[grid])
+        fig = make_figure(runs, TITLES[grid], GRID_KINDS[grid])
         png = save_figure(fig, figures / f"{grid}.png")
         link = os.path.relpath(png, page.parent)
-        parts += [_setup(runs), "", RENDERERS[grid](runs), "", f"![{grid}]({link})", ""]
+        text = RENDERERS[grid](runs)
+        losses += [f"{SHORT[grid]}: {sentence}" for sentence in _bold_sentences(text)]
+        parts += [_setup(runs), "", text, "", f"![{grid}]({link})", ""]
         unfinished = [run.name for run in runs if not run.finished]
         if unfinished:
             parts += [f"Unfinished runs (no summary.json): {', '.join(unfinished)}.", ""]
     if not all_runs:
         raise UsageError(f"no runs under {root}/{{{','.join(GRID_ORDER)}}}; run the sweeps first")
-    return "\n".join(parts)
+    summary = ["## Where AGD loses", ""] + ([f"- {line}" for line in losses] or ["Nowhere in these runs."])
+    return "\n".join(parts[:header] + summary + [""] + parts[header:])
+
+
+def _bold_sentences(text: str) -> list[str]:
+    """The sentences a renderer marked in bold: each says where AGD does worse."""
+    sentences = []
+    for line in text.splitlines():
+        for sentence in re.split(r"(?<=\.)\s+", line.removeprefix("- ")):
+            if "**" in sentence:
+                sentences.append(sentence.replace("**", "").rstrip("."))
+    return sentences
 
 
 def main(argv: Sequence[str] | None = None) -> int:

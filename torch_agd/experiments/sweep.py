@@ -61,10 +61,12 @@ SCALES = {
         shape_depths=(2, 4, 8, 16, 32), shape_widths=(64, 128, 256, 512, 1024, 2048),
         batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 256), peer_adam_lrs=LRS,
     ),
-    # Sized for ~20 CPU-minutes for all four grids at 3 seeds, one torch thread per run.
+    # Sized for ~20 CPU-minutes for all four grids at 3 seeds (105 runs), one torch thread per
+    # run, on the whole 60k-image training set: `agd train` has no subset flag, and a run's
+    # start-up (torch import, data load: ~4 s of CPU) already costs about one epoch of these FCNs.
     "small": Scale(
-        dataset="fashion-mnist", epochs=4, train_subset=10_000, fcn=(8, 128),
-        shape_depths=(2, 4, 8, 16), shape_widths=(32, 128, 512),
+        dataset="fashion-mnist", epochs=3, train_subset=None, fcn=(8, 128),
+        shape_depths=(2, 4, 8, 16), shape_widths=(32, 64, 128),
         batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
     ),
 }
@@ -177,8 +179,9 @@ class SubprocessRunner:
 
 
 def run_state(run_dir: Path) -> str:
-    """'done' (summary.json), 'resume' (a checkpoint but no summary) or 'new'."""
-    if (run_dir / "summary.json").exists():
+    """'done' (summary.json and metrics.jsonl), 'resume' (a checkpoint, but no summary or no
+    metrics: the trainer rebuilds both from the checkpoint) or 'new'."""
+    if (run_dir / "summary.json").exists() and (run_dir / "metrics.jsonl").exists():
         return "done"
     if (run_dir / "checkpoint.pt").exists():
         return "resume"
@@ -256,6 +259,19 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
     return outcome
 
 
+def summary_table(runs: Sequence[results.Run]) -> str:
+    """One row per group: seeds, final test accuracy and train loss (mean ± sd, min–max)."""
+    rows = []
+    for group, members in results.group_runs(runs).items():
+        acc, loss = results.final_stat(members, "test_acc"), results.final_stat(members, "train_loss")
+        done = sum(run.finished for run in members)
+        rows.append([group, f"{done}/{len(members)}", acc.fmt(100), acc.fmt_range(100),
+                     loss.fmt(1, 4)])
+    return results.markdown_table(
+        ["run", "finished", "test acc % (mean ± sd)", "test acc % (min–max)", "train loss"], rows
+    )
+
+
 # --- command line --------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -292,7 +308,7 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
     runs = [results.load_run(sweep_dir / spec.name) for spec in specs
             if (sweep_dir / spec.name / "metrics.jsonl").exists()]
     if runs:
-        print(results.summary_table(runs))
+        print(summary_table(runs))
     if outcome.failed:
         print(f"{len(outcome.failed)} run(s) failed: {', '.join(outcome.failed)}; "
               f"run the same command again to retry them", file=sys.stderr)
