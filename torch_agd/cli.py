@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"agd: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started (a run handles its own, keeping its checkpoint)
+        print("agd: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
     """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if lr is not None and not lr > 0:
-        raise UsageError(f"--lr must be positive, got {lr}")
+    if lr is not None and not 0 < lr < float("inf"):
+        raise UsageError(f"--lr must be positive and finite, got {lr}")
     if name == "agd":
         if lr is not None:
             raise UsageError("--lr does not apply to --optimizer agd (AGD sets its own step size); use --gain")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, build_model
 from torch_agd.train import checkpoint as ckpt
@@ -26,13 +27,11 @@ from torch_agd.train.dist import DistEnv
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
 from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS, build_optimizer
 
-DATASET_NAMES = ("cifar10", "cifar100", "mnist", "fashion-mnist", "imagenet")
-
 # dest: (type, default, help). Defaults are applied after parsing (argparse sees None), so
 # that --resume can tell the flags a user typed from the ones left at their defaults.
 FLAGS: dict[str, tuple] = {
     "arch": (str, "fcn", "network: " + ", ".join(ARCHS)),
-    "dataset": (str, "cifar10", "dataset: " + ", ".join(DATASET_NAMES)),
+    "dataset": (str, "cifar10", "dataset: " + ", ".join(DATASETS)),
     "loss": (str, "mse", "mse (the paper's square loss) or xent (cross-entropy)"),
     "optimizer": (str, "agd", "agd, the baselines adam and sgd, or a peer: " + ", ".join(OPTIMIZERS[3:])),
     "lr": (float, None, "learning rate of a baseline or peer (adam 1e-3, sgd 0.1, peers their own); not for agd"),
@@ -51,7 +50,7 @@ FLAGS: dict[str, tuple] = {
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
-CHOICES = {"arch": ARCHS, "dataset": DATASET_NAMES, "loss": tuple(LOSSES), "optimizer": OPTIMIZERS}
+CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
@@ -95,15 +94,9 @@ def _check_new(config: dict, given: dict) -> None:
             raise UsageError(f"{_flag(dest)} must be at least 1, got {config[dest]}")
     if config["workers"] < 0:
         raise UsageError(f"--workers must be 0 or more, got {config['workers']}")
-    if config["optimizer"] == "agd":
-        if "lr" in given:
-            raise UsageError("--lr does not apply to --optimizer agd (AGD sets its own step size); use --gain")
-        if not 0 < config["gain"] < float("inf"):
-            raise UsageError(f"--gain must be a positive number, got {config['gain']}")
-    elif "gain" in given:
+    # --lr with agd and out-of-range values of --lr/--gain are refused by build_optimizer.
+    if config["optimizer"] != "agd" and "gain" in given:
         raise UsageError(f"--gain only applies to --optimizer agd; {config['optimizer']} takes --lr")
-    if config["lr"] is not None and not 0 < config["lr"] < float("inf"):
-        raise UsageError(f"--lr must be a positive number, got {config['lr']}")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
@@ -176,8 +169,10 @@ class Reporter:
         self.bars = self.active and sys.stderr.isatty()
         self.epoch_bar = None
         if self.bars:
-            from tqdm import tqdm
-
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                raise UsageError('progress bars need tqdm: pip install "torch-agd[train]"') from None
             self.tqdm = tqdm
             self.epoch_bar = tqdm(total=epochs, initial=start, desc="epochs", unit="epoch", dynamic_ncols=True)
 
@@ -279,13 +274,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train(config: dict, resuming: bool, env: DistEnv) -> int:
-    from torch_agd.data import DATASETS, default_data_dir, load_data
-
     if config["data_dir"] is None:
         config["data_dir"] = str(default_data_dir())
     if config["out"] is None:
         config["out"] = env.broadcast_object(_default_out(config) if env.is_master else None)
     out = Path(config["out"])
+    for dest in ("train_bs", "test_bs"):  # each rank takes an equal slice of every global batch
+        if config[dest] % env.world_size:
+            raise UsageError(f"{_flag(dest)} {config[dest]} does not split evenly over {env.world_size} "
+                             f"processes; use a multiple of {env.world_size}")
     if not resuming:
         _check_new_run_dir(out)
     info = DATASETS[config["dataset"]]
@@ -303,6 +300,9 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     if not env.is_master:
         data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
 
+    if config["train_bs"] > data.train.num_samples:
+        raise UsageError(f"--train_bs {config['train_bs']} is larger than the {data.train.num_samples} "
+                         "training samples; use a smaller batch")
     if env.is_master and not resuming:
         _start_run_dir(out, config)
     history: list[dict] = []
@@ -331,8 +331,10 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     reporter = Reporter(env, epochs, start)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
-    reporter.line(f"{'resuming at epoch ' + str(start + 1) + ': ' if start else ''}"
-                  f"{config['arch']} on {config['dataset']} with {config['optimizer']}: {n_params:,} parameters "
+    resumed = f"resuming at epoch {start + 1}: " if 0 < start < epochs else ""
+    if start and start == epochs:
+        resumed = f"already finished {epochs} epochs: "
+    reporter.line(f"{resumed}{config['arch']} on {config['dataset']} with {config['optimizer']}: {n_params:,} parameters "
                   f"in {n_tensors} tensors, {env.world_size} x {env.device.type}; run directory {out}")
     skipped_before = sum(r["skipped_steps"] or 0 for r in history)
     epoch = start

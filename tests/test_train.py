@@ -1,0 +1,436 @@
+"""The trainer: losses, optimizers, one epoch, checkpoints, and whole runs that never lose work."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fakedata import install_fake_idx
+from torch_agd import AGD, UsageError
+from torch_agd.cli import main
+from torch_agd.data import DATASETS
+from torch_agd.models import build_model
+from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import run as run_module
+from torch_agd.train.dist import DistEnv
+from torch_agd.train.loop import LOSSES, evaluate, mse_loss, train_epoch
+from torch_agd.train.optimizers import build_optimizer
+
+REPO = Path(__file__).resolve().parents[1]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "eta_mean", "eta_min",
+               "eta_max", "skipped_steps", "epoch_seconds", "train_samples_per_second"}
+TIMING = set(run_module.TIMING_KEYS)
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------ losses
+
+
+def test_mse_is_the_papers_square_loss():
+    logits, y = torch.randn(6, 5), torch.tensor([0, 4, 2, 2, 1, 3])
+    target = torch.zeros(6, 5)
+    target[torch.arange(6), y] = math.sqrt(5)
+    expected = sum(((logits[i, c] - target[i, c]) ** 2).item() for i in range(6) for c in range(5)) / 30
+    assert mse_loss(logits, y).item() == pytest.approx(expected, rel=1e-6)
+    assert LOSSES["xent"](logits, y).item() == pytest.approx(F.cross_entropy(logits, y).item())
+
+
+# ------------------------------------------------------------------ optimizers
+
+
+def _fcn(seed=0):
+    torch.manual_seed(seed)
+    return build_model("fcn", DATASETS["mnist"], depth=3, width=32)
+
+
+def test_agd_initialises_the_weights_orthogonally_and_scaled():
+    model = _fcn()
+    opt = build_optimizer("agd", model, gain=2.0)
+    assert isinstance(opt, AGD) and opt.param_groups[0]["gain"] == 2.0
+    for w in model.parameters():
+        d_out, d_in = w.shape
+        sv = torch.linalg.svdvals(w.detach().double())
+        torch.testing.assert_close(sv, torch.full_like(sv, math.sqrt(d_out / d_in)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("name, cls, lr", [("adam", torch.optim.Adam, 1e-3), ("sgd", torch.optim.SGD, 0.1)])
+def test_baselines_keep_pytorchs_default_init_and_lr(name, cls, lr):
+    reference = [p.detach().clone() for p in _fcn(seed=1).parameters()]
+    model = _fcn(seed=1)
+    opt = build_optimizer(name, model)
+    assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == lr
+    assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
+    assert build_optimizer(name, _fcn(), lr=0.5).param_groups[0]["lr"] == 0.5
+
+
+def test_optimizer_usage_errors():
+    with pytest.raises(UsageError, match="--lr does not apply"):
+        build_optimizer("agd", _fcn(), lr=0.1)
+    with pytest.raises(UsageError, match="choose one of"):
+        build_optimizer("lion", _fcn())
+    with pytest.raises(UsageError, match="positive"):
+        build_optimizer("adam", _fcn(), lr=-1.0)
+
+
+def test_peer_optimizer_builds_or_names_the_pip_extra():
+    try:
+        opt = build_optimizer("prodigy", _fcn())
+    except UsageError as exc:
+        assert 'pip install "torch-agd[peers]"' in str(exc)
+    else:
+        assert type(opt).__name__ == "Prodigy"
+
+
+# ------------------------------------------------------------------ one epoch
+
+
+def _batches(n=5, bs=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(bs, 1, 28, 28, generator=g), torch.randint(0, 10, (bs,), generator=g)) for _ in range(n)]
+
+
+def test_train_epoch_accumulates_what_a_step_by_step_loop_sees():
+    batches = _batches()
+    model = _fcn()
+    opt = build_optimizer("agd", model)  # draws the init from the generator _fcn just seeded
+    ref = _fcn()
+    ref_opt = build_optimizer("agd", ref)
+    stats = train_epoch(model, opt, batches, loss_fn=mse_loss, device=CPU)
+    losses, correct, etas = [], 0, []
+    for x, y in batches:  # the same epoch, read on the host after every step
+        ref_opt.zero_grad()
+        out = ref(x)
+        loss = mse_loss(out, y)
+        loss.backward()
+        ref_opt.step()
+        losses.append(loss.item())
+        correct += (out.argmax(1) == y).sum().item()
+        etas.append(ref_opt.eta.item())
+    assert stats["count"] == 80 and stats["steps"] == 5 and stats["correct"].item() == correct
+    assert stats["loss_sum"].item() == pytest.approx(16 * sum(losses), rel=1e-6)
+    assert stats["eta_sum"].item() == pytest.approx(sum(etas), rel=1e-6)
+    assert (stats["eta_min"].item(), stats["eta_max"].item()) == (min(etas), max(etas))
+    assert len(set(etas)) > 1  # the min/max check means something
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+
+
+def test_train_epoch_without_eta_and_evaluate_totals():
+    model = _fcn()
+    stats = train_epoch(model, build_optimizer("sgd", model), _batches(), loss_fn=mse_loss, device=CPU)
+    assert "eta_sum" not in stats
+    batches = _batches(n=3, bs=7, seed=1)
+    totals = evaluate(model, batches, loss_fn=mse_loss, device=CPU)
+    with torch.no_grad():
+        loss = sum(mse_loss(model(x), y).item() * len(y) for x, y in batches)
+        correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
+    assert totals.tolist() == pytest.approx([loss, correct, 21])
+    assert not model.training
+
+
+# ------------------------------------------------------------------ files and processes
+
+
+def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
+    path = tmp_path / "config.json"
+    ckpt.atomic_write_json(path, {"a": 1})
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
+
+
+def test_dist_env_single_process_and_launcher_errors(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    env = DistEnv.create(cpu=True)
+    assert (env.rank, env.world_size, env.is_master, env.device) == (0, 1, True, CPU)
+    t = torch.ones(2)
+    assert env.all_reduce_sum(t) is t and t.tolist() == [1.0, 1.0]
+    with pytest.raises(UsageError, match="torchrun --nproc_per_node"):
+        DistEnv.create(cpu=True, distribute=True)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    assert DistEnv.create(cpu=True, distribute=True).world_size == 1  # launched by mpirun -n 1
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(UsageError, match="MASTER_ADDR"):
+        DistEnv.create(cpu=True)
+
+
+# ------------------------------------------------------------------ whole runs, in process
+
+
+@pytest.fixture
+def fake_fashion(monkeypatch, tmp_path):
+    install_fake_idx(monkeypatch, tmp_path / "data", "fashion-mnist", n_train=192, n_test=40)
+    return tmp_path / "data"
+
+
+def _argv(data_dir, out, epochs=3, *extra):
+    return ["train", "--arch", "fcn", "--dataset", "fashion-mnist", "--depth", "3", "--width", "16",
+            "--train-bs", "32", "--test_bs", "16", "--epochs", str(epochs), "--cpu",
+            "--data-dir", str(data_dir), "--out", str(out), *extra]
+
+
+def _rows(out):
+    return [json.loads(line) for line in (Path(out) / ckpt.METRICS).read_text().splitlines()]
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def _equal(a, b) -> bool:
+    """Bitwise equality of nested checkpoint contents."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
+    return a == b
+
+
+def _same_state(a: dict, b: dict):
+    assert a["epoch"] == b["epoch"]
+    assert _equal(a["model"], b["model"])  # bitwise
+    assert _equal(a["optimizer"], b["optimizer"])  # AGD: eta and step counters too
+
+
+@pytest.mark.slow
+def test_run_directory_contents(fake_fashion, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(fake_fashion, out, 2)) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert set(run_module.FLAGS) <= set(config) and {"version", "git_commit"} <= set(config)
+    assert (config["train_bs"], config["test_bs"], config["width"], config["lr"]) == (32, 16, 16, None)
+    rows = _rows(out)
+    assert [r["epoch"] for r in rows] == [1, 2] and all(set(r) == METRIC_KEYS for r in rows)
+    for r in rows:
+        assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["train_loss"] > 0
+        assert 0 < r["eta_min"] <= r["eta_mean"] <= r["eta_max"] and r["skipped_steps"] == 0
+        assert r["train_samples_per_second"] > 0 and r["epoch_seconds"] > 0
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 2 and state["metrics"] == rows
+    model = build_model("fcn", DATASETS["fashion-mnist"], depth=3, width=16)
+    model.load_state_dict(state["model"])  # 'model' is the bare network's state_dict
+    # The reported test figures are those of the saved weights on every test sample.
+    from torch_agd.data import load_data
+
+    test = load_data("fashion-mnist", fake_fashion, "cpu", download=False).test
+    x, y = map(torch.cat, zip(*test.batches(1000)))
+    with torch.no_grad():
+        logits = model.eval()(x)
+    assert len(y) == 40 and rows[-1]["test_acc"] == (logits.argmax(1) == y).sum().item() / 40
+    assert rows[-1]["test_loss"] == pytest.approx(mse_loss(logits, y).item(), rel=1e-5)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_acc"] == rows[-1]["test_acc"] and summary["epochs"] == 2
+    printed = capsys.readouterr().out
+    assert "epoch 2/2" in printed and "done: 2 epochs" in printed and str(out) in printed
+
+
+@pytest.mark.slow
+def test_default_run_directory_is_named_after_the_run(fake_fashion, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = [a for a in _argv(fake_fashion, "unused", 1) if a not in ("--out", "unused")]
+    assert main(argv) == 0 and main(argv) == 0  # two runs, maybe in the same second: two directories
+    runs = sorted((tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and all(r.name.startswith("fcn-fashion-mnist-20") for r in runs)
+    assert all((r / "summary.json").exists() for r in runs)
+
+
+@pytest.mark.slow
+def test_baseline_run_has_no_eta(fake_fashion, tmp_path):
+    out = tmp_path / "adam"
+    assert main(_argv(fake_fashion, out, 1, "--optimizer", "adam", "--lr", "0.01")) == 0
+    (row,) = _rows(out)
+    assert row["eta_mean"] is None and row["skipped_steps"] is None
+    assert json.loads((out / "config.json").read_text())["lr"] == 0.01
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["agd", "schedulefree"])
+def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(fake_fashion, tmp_path,
+                                                                                  monkeypatch, capsys, optimizer):
+    if optimizer == "schedulefree":  # keeps train and eval weights: the switch must survive a resume
+        pytest.importorskip("schedulefree", reason='needs pip install "torch-agd[peers]"')
+    assert main(_argv(fake_fashion, tmp_path / "whole", 3, "--optimizer", optimizer)) == 0
+
+    calls = []
+    real_evaluate = run_module.evaluate
+
+    def evaluate_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C during epoch 2's evaluation
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", evaluate_then_ctrl_c)
+    cut = tmp_path / "cut"
+    assert main(_argv(fake_fashion, cut, 3, "--optimizer", optimizer)) == 130
+    assert "--resume" in capsys.readouterr().err
+    assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not (cut / "summary.json").exists() and len(_rows(cut)) == 1
+    monkeypatch.setattr(run_module, "evaluate", real_evaluate)
+    (cut / "metrics.jsonl").write_text("")  # as if killed between checkpoint.pt and metrics.jsonl
+
+    assert main(["train", "--out", str(cut), "--resume"]) == 0  # everything else from config.json
+    assert "resuming at epoch 2" in capsys.readouterr().out
+    assert _without_timing(_rows(cut)) == _without_timing(_rows(tmp_path / "whole"))
+    _same_state(torch.load(cut / "checkpoint.pt", weights_only=True),
+                torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True))
+    assert (cut / "summary.json").exists()
+    # Killed after the last checkpoint, before metrics.jsonl and summary.json: nothing is lost.
+    (cut / "summary.json").unlink()
+    (cut / "metrics.jsonl").write_text("".join(line + "\n" for line in (cut / "metrics.jsonl").read_text().splitlines()[:2]))
+    capsys.readouterr()
+    assert main(["train", "--out", str(cut), "--resume"]) == 0  # finished: nothing left to train
+    assert "already finished 3 epochs" in capsys.readouterr().out
+    assert _without_timing(_rows(cut)) == _without_timing(_rows(tmp_path / "whole"))
+    assert json.loads((cut / "summary.json").read_text())["epochs"] == 3
+
+
+@pytest.mark.slow
+def test_optimizer_train_eval_switch_brackets_training_and_evaluation(fake_fashion, tmp_path, monkeypatch):
+    log = []
+
+    class Switching(torch.optim.SGD):  # an optimizer with Schedule-Free's train()/eval() interface
+        def train(self):
+            log.append("train")
+
+        def eval(self):
+            log.append("eval")
+
+    def spy(name, fn):
+        def wrapped(*args, **kwargs):
+            log.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(run_module, "build_optimizer", lambda name, model, **kw: Switching(model.parameters(), lr=0.1))
+    monkeypatch.setattr(run_module, "train_epoch", spy("train_epoch", run_module.train_epoch))
+    monkeypatch.setattr(run_module, "evaluate", spy("evaluate", run_module.evaluate))
+    monkeypatch.setattr(ckpt, "save_checkpoint", spy("save", ckpt.save_checkpoint))
+    assert main(_argv(fake_fashion, tmp_path / "run", 2)) == 0
+    assert log == ["train", "train_epoch", "eval", "evaluate", "save"] * 2
+
+
+@pytest.mark.slow
+def test_amp_keeps_float32_weights_and_compile_trains_the_same_network(fake_fashion, tmp_path):
+    assert main(_argv(fake_fashion, tmp_path / "eager", 1)) == 0
+    assert main(_argv(fake_fashion, tmp_path / "amp", 1, "--amp")) == 0
+    state = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
+    assert all(w.dtype == torch.float32 for w in state["model"].values())
+    eager, amp = _rows(tmp_path / "eager")[0], _rows(tmp_path / "amp")[0]
+    assert amp["train_loss"] != eager["train_loss"]  # bf16 activations really were used
+    assert amp["train_loss"] == pytest.approx(eager["train_loss"], rel=0.05)
+
+    assert main(_argv(fake_fashion, tmp_path / "compiled", 1, "--compile")) == 0
+    compiled = _rows(tmp_path / "compiled")[0]
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
+    assert compiled["eta_mean"] == pytest.approx(eager["eta_mean"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_progress_bars_on_a_terminal(fake_fashion, tmp_path, monkeypatch):
+    pytest.importorskip("tqdm")
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(run_module.sys, "stderr", terminal)
+    assert main(_argv(fake_fashion, tmp_path / "run", 2)) == 0
+    shown = terminal.getvalue()
+    assert "epochs: 100%" in shown and "2/2" in shown and "epoch 2" in shown and "batch" in shown
+
+
+@pytest.mark.slow
+def test_resume_before_the_first_checkpoint_starts_the_run(fake_fashion, tmp_path):
+    # A kill during epoch 1 leaves config.json and nothing else.
+    out = tmp_path / "early"
+    assert main(_argv(fake_fashion, out, 1)) == 0
+    whole = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+        (out / name).unlink()
+    assert main(["train", "--out", str(out), "--resume", "--data-dir", str(fake_fashion)]) == 0
+    _same_state(torch.load(out / "checkpoint.pt", weights_only=True), whole)
+
+
+@pytest.mark.slow
+def test_resume_with_differing_flags_names_them(fake_fashion, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(fake_fashion, out, 1)) == 0
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume", "--width", "32", "--train_bs", "64", "--depth", "3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("agd: error:") and "\n" not in err
+    assert "--width 32 (the run has 16)" in err and "--train_bs 64 (the run has 32)" in err
+    assert "--depth" not in err  # given again with the same value: fine
+    # Starting a new run over an existing one is refused too.
+    assert main(_argv(fake_fashion, out, 1)) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ real processes, real data
+
+
+def _agd(*args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AGD_DATA": kwargs.pop("data_dir")}
+    return subprocess.Popen([sys.executable, "-m", "torch_agd", "train", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    flags = ["--arch", "fcn", "--dataset", "fashion-mnist", "--depth", "3", "--width", "64",
+             "--train_bs", "200", "--test_bs", "1000", "--epochs", "3", "--cpu"]
+    data_dir = str(tmp_path / "data")  # empty: the Debian copy is found without downloading
+    whole = _agd(*flags, "--out", str(tmp_path / "whole"), data_dir=data_dir)
+    killed = tmp_path / "killed"
+    proc = _agd(*flags, "--out", str(killed), data_dir=data_dir)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    state = torch.load(killed / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] < 3 and not (killed / "summary.json").exists()
+
+    resumed = _agd("--out", str(killed), "--resume", data_dir=data_dir)
+    out, err = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, err
+    assert f"resuming at epoch {state['epoch'] + 1}" in out
+    _, err = whole.communicate(timeout=120)
+    assert whole.returncode == 0, err
+    _same_state(torch.load(killed / "checkpoint.pt", weights_only=True),
+                torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True))
+    assert _without_timing(_rows(killed)) == _without_timing(_rows(tmp_path / "whole"))
+    assert json.loads((killed / "summary.json").read_text())["test_acc"] == _rows(killed)[-1]["test_acc"]
+    assert _rows(killed)[-1]["test_acc"] > 0.7  # real data: a small FCN learns in 3 epochs
