@@ -9,6 +9,7 @@ process and every collective below is the identity, so the trainer has one code 
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 
@@ -17,8 +18,10 @@ import torch.distributed as dist
 
 from torch_agd.errors import UsageError
 
-# A rank that dies or hangs must end the job, not block the others forever.
-TIMEOUT = datetime.timedelta(minutes=10)
+# A rank that dies or hangs must end the job, not block the others forever: every collective
+# gives up after this long (docs/distributed.md says what it must exceed).
+TIMEOUT_VAR = "AGD_DIST_TIMEOUT"
+DEFAULT_TIMEOUT_S = 600.0
 
 TORCHRUN_HINT = "torchrun --nproc_per_node=N -m torch_agd train --distribute [flags]"
 
@@ -34,6 +37,45 @@ def _launcher_env() -> tuple[int, int, int] | None:
                 raise UsageError(f"{size} is set but {rank}/{local} are missing or not integers; "
                                  f"launch with {TORCHRUN_HINT}") from None
     return None
+
+
+def launch_position() -> tuple[int, int]:
+    """(rank, world_size) as the launcher set them, before any process group exists."""
+    launched = _launcher_env()
+    return (launched[0], launched[1]) if launched else (0, 1)
+
+
+def timeout() -> datetime.timedelta:
+    """How long a collective waits for the other ranks: $AGD_DIST_TIMEOUT seconds, else 600."""
+    raw = os.environ.get(TIMEOUT_VAR)
+    if raw is None:
+        return datetime.timedelta(seconds=DEFAULT_TIMEOUT_S)
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise UsageError(f"{TIMEOUT_VAR} must be a positive number of seconds, got {raw!r}")
+    return datetime.timedelta(seconds=seconds)
+
+
+# What gloo's plain RuntimeErrors say when a peer hung (the timeout) or went away.
+_PEER_LOST = ("Timed out waiting", "Connection closed by peer", "Connection reset by peer")
+
+
+def collective_failure(exc: BaseException, rank: int, world_size: int) -> str | None:
+    """A one-line account of ``exc`` if it is a collective that failed because another rank
+    died or hung, else None (a bug keeps its traceback). Gloo raises; NCCL's watchdog ends the
+    process itself after the timeout (torchrun sets TORCH_NCCL_ASYNC_ERROR_HANDLING)."""
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and any(m in text for m in _PEER_LOST)):
+        return None
+    cause = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        what = f"waited {TIMEOUT_VAR}={timeout().total_seconds():g} s for another process, which hung or died"
+    else:
+        what = "lost contact with another process, which died or whose machine failed"
+    return f"rank {rank} of {world_size}: {what}; the job stops [{cause}]"
 
 
 @dataclass
@@ -56,6 +98,7 @@ class DistEnv:
         """Read the launcher's environment, pick the device, and join the process group."""
         launched = _launcher_env()
         rank, world_size, local_rank = launched or (0, 1, 0)
+        pg_timeout = timeout()  # a bad value is an error even on one process
         if distribute and launched is None:
             raise UsageError(f"--distribute needs a launcher that starts one process per device: {TORCHRUN_HINT}")
         use_cuda = not cpu and torch.cuda.is_available()
@@ -70,7 +113,7 @@ class DistEnv:
                 if var not in os.environ:
                     raise UsageError(f"{var} is not set: export MASTER_ADDR and MASTER_PORT, or use {TORCHRUN_HINT}")
             dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
-                                    timeout=TIMEOUT, device_id=device if use_cuda else None)
+                                    timeout=pg_timeout, device_id=device if use_cuda else None)
         return env
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:

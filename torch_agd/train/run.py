@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, build_model
 from torch_agd.train import checkpoint as ckpt
-from torch_agd.train.dist import DistEnv
+from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
 from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS, build_optimizer
 
@@ -264,11 +265,46 @@ def _switch(optimizer, mode: str) -> None:
         getattr(optimizer, mode)()
 
 
+def _check_split(config: dict, world_size: int) -> None:
+    for dest in ("train_bs", "test_bs"):  # each rank takes an equal slice of every global batch
+        if config[dest] % world_size:
+            raise UsageError(f"{_flag(dest)} {config[dest]} does not split evenly over {world_size} "
+                             f"processes; use a multiple of {world_size}")
+
+
+def _test_dump(env: DistEnv, epoch: int, model, test=None) -> None:
+    """For tests only (docs/distributed.md): with $AGD_TEST_DUMP_DIR set, every rank saves the
+    weights it holds after ``epoch`` and its own share of that epoch's evaluation totals, so a
+    test can compare ranks that otherwise write nothing."""
+    where = os.environ.get("AGD_TEST_DUMP_DIR")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        torch.save({"model": model.state_dict(), "test": None if test is None else test.tolist()},
+                   Path(where) / f"rank{env.rank}-epoch{epoch}.pt")
+
+
 def run(args: argparse.Namespace) -> int:
-    config, resuming = resolve_config(args)
+    # Mistakes in the flags are found before joining the process group, so a bad launch stops
+    # at once; every rank finds them alike, so only rank 0 says so (a resume also reads
+    # DIR/config.json, which a node may not see: then every rank speaks for itself).
+    rank, world_size = launch_position()
+    try:
+        config, resuming = resolve_config(args)
+        _check_split(config, world_size)
+    except UsageError:
+        if rank != 0 and not args.resume:
+            return 2
+        raise
     env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"])
     try:
         return _train(config, resuming, env)
+    except Exception as exc:
+        # A rank that died or hung: one line, instead of every rank's traceback from inside DDP.
+        message = collective_failure(exc, env.rank, env.world_size) if env.distributed else None
+        if message is None:
+            raise
+        print(f"agd: error: {message}; continue with --out {config['out']} --resume", file=sys.stderr, flush=True)
+        return 1
     finally:
         env.close()
 
@@ -279,10 +315,6 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     if config["out"] is None:
         config["out"] = env.broadcast_object(_default_out(config) if env.is_master else None)
     out = Path(config["out"])
-    for dest in ("train_bs", "test_bs"):  # each rank takes an equal slice of every global batch
-        if config[dest] % env.world_size:
-            raise UsageError(f"{_flag(dest)} {config[dest]} does not split evenly over {env.world_size} "
-                             f"processes; use a multiple of {env.world_size}")
     if not resuming:
         _check_new_run_dir(out)
     info = DATASETS[config["dataset"]]
@@ -294,10 +326,12 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"])
     model.to(env.device)
 
-    if env.is_master:  # rank 0 downloads; the others then find the files in place
+    # One process per machine downloads (the data dir may be local to each node); the others
+    # then find the files in place.
+    if env.local_rank == 0:
         data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
     env.barrier()
-    if not env.is_master:
+    if env.local_rank != 0:
         data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
 
     if config["train_bs"] > data.train.num_samples:
@@ -307,7 +341,11 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
         _start_run_dir(out, config)
     history: list[dict] = []
     start = 0
-    if resuming and (out / ckpt.CHECKPOINT).exists():
+    have_checkpoint = resuming and (out / ckpt.CHECKPOINT).exists()
+    if env.broadcast_object(have_checkpoint) != have_checkpoint:  # every rank must resume from the same epoch
+        raise UsageError(f"rank {env.rank} cannot see {out / ckpt.CHECKPOINT}, which rank 0 has: "
+                         "--out must be a directory that every machine shares")
+    if have_checkpoint:
         state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -325,6 +363,7 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
         train_model = torch.compile(train_model)
     # Evaluation runs without DDP: ranks may hold different numbers of test batches.
     eval_model = train_model if not env.distributed else (torch.compile(model) if config["compile"] else model)
+    _test_dump(env, start, model)
 
     loss_fn = LOSSES[config["loss"]]
     epochs = config["epochs"]
@@ -354,6 +393,7 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
             env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
             test = evaluate(eval_model, data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size),
                             loss_fn=loss_fn, device=env.device, amp=config["amp"])
+            _test_dump(env, epoch + 1, model, test)  # this rank's share, before the sum over ranks
             test = env.all_reduce_sum(test).tolist()
             row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
             skipped_before += row["skipped_steps"] or 0
