@@ -5,7 +5,7 @@ Afterwards every singular value of every (d_out, d_in) submatrix equals s(W).
 import torch
 from torch import nn
 
-from .scale import check_weight, named_weights, scale
+from .scale import check_weight, named_weights, num_submatrices, scale
 
 
 def _haar_orthogonal(k: int, rows: int, cols: int, like: torch.Tensor, generator=None) -> torch.Tensor:
@@ -36,7 +36,7 @@ def init_weights_(module_or_params, generator: torch.Generator | None = None):
         check_weight(p, name)
     for _, p in named:
         d_out, d_in = p.shape[0], p.shape[1]
-        k = p[0, 0].numel()
+        k = num_submatrices(p.shape)
         q = _haar_orthogonal(k, d_out, d_in, p, generator)          # (k, d_out, d_in)
         w = q.permute(1, 2, 0).reshape(p.shape)                     # submatrix i at kernel position i
         p.copy_(w * scale(p.shape))

@@ -49,3 +49,8 @@ def named_weights(module: nn.Module) -> list:
             raise UsageError(f"AGD cannot train {mod_name or 'the module'} ({kind}): its weight is not "
                              "laid out as (out, in, kernel...); give its parameters to another optimizer")
     return list(module.named_parameters())
+
+
+def num_submatrices(shape) -> int:
+    """K: how many (d_out, d_in) submatrices a weight of this shape holds (1 for a linear weight)."""
+    return math.prod(shape[2:])
