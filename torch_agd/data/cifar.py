@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .files import DownloadError, download, missing_files_error, read_verified, write_atomic
+from ..atomic import atomic_write_bytes
+from .files import DownloadError, download, missing_files_error, read_verified
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def _extract(data: bytes, archive: Path, inner: str, members: list[str], folder:
                 f = tar.extractfile(f"{inner}/{member}")
                 if f is None:
                     raise KeyError(member)
-                write_atomic(folder / member, f.read())
+                atomic_write_bytes(folder / member, f.read())
     except (KeyError, tarfile.TarError, OSError, EOFError) as e:
         raise UsageError(f"{archive} does not hold {inner}/{members} ({type(e).__name__}: {e}); "
                          f"delete it and run again to download it afresh") from None

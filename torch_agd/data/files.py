@@ -12,13 +12,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
-import os
 import sys
-import tempfile
 import urllib.request
 import zlib
 from pathlib import Path
 
+from ..atomic import atomic_file
 from ..errors import UsageError
 
 _CHUNK = 1 << 20
@@ -95,32 +94,24 @@ def _fetch(url: str, dest: Path, md5: str) -> None:
 
     print(f"downloading {url} -> {dest}", file=sys.stderr, flush=True)
     request = urllib.request.Request(url, headers={"User-Agent": f"torch-agd/{__version__}"})
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
+    with atomic_file(dest) as out, urllib.request.urlopen(request, timeout=TIMEOUT_S) as r:
         digest = hashlib.md5(usedforsecurity=False)
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=TIMEOUT_S) as r:
-            expected = r.headers.get("Content-Length")
-            bar = _progress_bar(expected, dest.name)
-            received = 0
-            while chunk := r.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                received += len(chunk)
-                if bar is not None:
-                    bar.update(len(chunk))
+        expected = r.headers.get("Content-Length")
+        bar = _progress_bar(expected, dest.name)
+        received = 0
+        while chunk := r.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+            received += len(chunk)
             if bar is not None:
-                bar.close()
-            if expected is not None and received != int(expected):
-                # urllib returns a short body quietly when the server hangs up
-                raise ValueError(f"transfer cut off after {received} of {expected} bytes")
-            out.flush()
-            os.fsync(out.fileno())  # the rename below must never expose unwritten bytes
-        if digest.hexdigest() != md5:
+                bar.update(len(chunk))
+        if bar is not None:
+            bar.close()
+        if expected is not None and received != int(expected):
+            # urllib returns a short body quietly when the server hangs up
+            raise ValueError(f"transfer cut off after {received} of {expected} bytes")
+        if digest.hexdigest() != md5:  # raising here leaves dest untouched
             raise ValueError(f"got md5 {digest.hexdigest()}, expected {md5}")
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _progress_bar(total: str | None, name: str):
@@ -132,21 +123,6 @@ def _progress_bar(total: str | None, name: str):
     except ImportError:
         return None
     return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=name)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def missing_files_error(name: str, directory: Path, files: list[str], mirrors: list[str],

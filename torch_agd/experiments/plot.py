@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
+from torch_agd.atomic import atomic_file
 from torch_agd.errors import UsageError
 from torch_agd.experiments.results import (
-    Run, make_readable, find_runs, final_stat, group_runs, stat,
+    Run, find_runs, final_stat, group_runs, stat,
 )
 
 CURVES = (  # (metrics key, axis label, log scale, shown in percent)
@@ -263,16 +262,8 @@ def make_figure(runs: Sequence[Run], title: str | None = None, kind: str | None 
 def save_figure(fig, path: Path, dpi: int = 72) -> Path:
     """Write ``fig`` as a PNG atomically (temp file in the same directory, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        make_readable(tmp)
-        fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        fig.savefig(f, dpi=dpi, format="png")
     return path
 
 

@@ -19,11 +19,11 @@ import os
 import re
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
 
 _SEED_SUFFIX = re.compile(r"-s(\d+)$")
@@ -161,26 +161,6 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> 
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def make_readable(path: str) -> None:
-    """mkstemp creates files 0600; give the final file the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        make_readable(tmp)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --- docs/results.md -----------------------------------------------------------------------
@@ -419,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"results: error: {exc}", file=sys.stderr)
         return 2
-    write_text_atomic(args.out, text)
+    atomic_write_text(args.out, text)
     print(f"wrote {args.out} and figures under {args.figures}")
     return 0
 

@@ -29,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
 
+from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
 from torch_agd.experiments import results
 from torch_agd.experiments.peers import PEERS
@@ -221,7 +222,7 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
     """Run what is left of ``specs`` into root/name/; ``jobs`` runs at a time."""
     sweep_dir = Path(root) / name
     manifest = _check_manifest(sweep_dir, name, scale, specs)
-    results.write_text_atomic(sweep_dir / "sweep.json", json.dumps(manifest, indent=1) + "\n")
+    atomic_write_text(sweep_dir / "sweep.json", json.dumps(manifest, indent=1) + "\n")
     outcome = SweepOutcome([], [], [])
     todo = []
     for spec in specs:
