@@ -297,7 +297,12 @@ def run(args: argparse.Namespace) -> int:
         raise
     env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"])
     try:
-        return _train(config, resuming, env)
+        code = _train(config, resuming, env)
+        if code == 0:
+            # Leave together: a rank that tears down its process group while another still
+            # talks to it can abort the job ("terminate called without an active exception").
+            env.barrier()
+        return code
     except Exception as exc:
         # A rank that died or hung: one line, instead of every rank's traceback from inside DDP.
         message = collective_failure(exc, env.rank, env.world_size) if env.distributed else None
