@@ -9,8 +9,9 @@ One step, for weights W with gradients g(W) of a mean-reduced loss and depth L:
 s(W) and the submatrices are defined in scale.py. AGD keeps no per-parameter state.
 Two functional implementations follow torch.optim's layout: `_single_tensor_agd` reads like the
 formulas; `_multi_tensor_agd` batches the same arithmetic with torch._foreach_* ops. Neither reads
-a device value on the host, so a step never waits for the GPU: eta, the step count and the count
-of skipped (non-finite) steps stay 0-d tensors on the device.
+a GPU value on the host, so a step never waits for the GPU: eta, the step count and the count
+of skipped (non-finite) steps stay 0-d tensors on the device. (On the CPU the fast path does
+look at whether G was finite, which there is a plain memory load, to skip a masking pass.)
 """
 import math
 
