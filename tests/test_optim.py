@@ -319,3 +319,30 @@ def test_large_conv_weights_take_the_same_step(layout):
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
         for p, e in zip(params, expected):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_never_syncs_and_matches_the_cpu():
+    torch.manual_seed(0)
+    cpu = [torch.randn(64, 32, 3, 3), torch.randn(10, 64 * 9), torch.randn(256, 128, 3, 3)]
+    grads = [torch.randn(w.shape) for w in cpu]
+    grads[0][:, :, 1, 1] = 0  # a zero slice on the device path too
+    on_cpu = [w.clone().requires_grad_() for w in cpu]
+    on_gpu = [w.cuda().requires_grad_() for w in cpu]
+    for a, b, g in zip(on_cpu, on_gpu, grads):
+        a.grad, b.grad = g.clone(), g.cuda()
+    opt_cpu, opt_gpu = AGD(on_cpu), AGD(on_gpu)
+    opt_cpu.step()
+    opt_gpu.step()  # first step allocates eta and the counters
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt_gpu.step()
+        on_gpu[1].grad[0, 0] = math.nan
+        opt_gpu.step()  # skipped, without looking at G on the host
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    opt_cpu.step()
+    assert opt_gpu.skipped_steps.item() == 1 and opt_gpu.steps.item() == 3
+    for a, b in zip(on_cpu, on_gpu):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)
