@@ -12,7 +12,7 @@ import pytest
 
 from torch_agd import cli
 from torch_agd.cli import main
-from torch_agd.train import run as run_module
+from torch_agd.train import config as run_module
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from torch_agd.cli import main
 from torch_agd.train import checkpoint as ckpt
-from torch_agd.train.run import TIMING_KEYS
+from torch_agd.train.config import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")

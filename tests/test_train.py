@@ -21,6 +21,7 @@ from torch_agd.cli import main
 from torch_agd.data import DATASETS
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import config as train_config
 from torch_agd.train import run as run_module
 from torch_agd.train.dist import DistEnv
 from torch_agd.train.loop import LOSSES, evaluate, mse_loss, train_epoch
@@ -33,7 +34,7 @@ needs_fashion = pytest.mark.skipif(
     reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "eta_mean", "eta_min",
                "eta_max", "skipped_steps", "epoch_seconds", "train_samples_per_second"}
-TIMING = set(run_module.TIMING_KEYS)
+TIMING = set(train_config.TIMING_KEYS)
 CPU = torch.device("cpu")
 
 
@@ -223,7 +224,7 @@ def test_run_directory_contents(fake_fashion, tmp_path, capsys):
     assert main(_argv(fake_fashion, out, 2)) == 0
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl", "summary.json"]
     config = json.loads((out / "config.json").read_text())
-    assert set(run_module.FLAGS) <= set(config) and {"version", "git_commit"} <= set(config)
+    assert set(train_config.FLAGS) <= set(config) and {"version", "git_commit"} <= set(config)
     assert (config["train_bs"], config["test_bs"], config["width"], config["lr"]) == (32, 16, 16, None)
     rows = _rows(out)
     assert [r["epoch"] for r in rows] == [1, 2] and all(set(r) == METRIC_KEYS for r in rows)
