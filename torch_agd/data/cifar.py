@@ -20,7 +20,7 @@ import torch
 
 from ..errors import UsageError
 from ..atomic import atomic_write_bytes
-from .files import DownloadError, download, missing_files_error, read_verified
+from .files import fetch_missing, read_verified
 
 
 @dataclass(frozen=True)
@@ -79,14 +79,7 @@ def load_cifar(name: str, root: Path, *, download_ok: bool):
     if absent:
         archive = directory / spec.filename
         if not archive.is_file():
-            if not download_ok:
-                raise missing_files_error(name, directory, [spec.filename], mirrors,
-                                          "files missing and downloading is off")
-            try:
-                download([m + spec.filename for m in mirrors], archive, spec.md5)
-            except DownloadError as e:
-                raise missing_files_error(name, directory, [spec.filename], mirrors,
-                                          f"download failed (tried {e.tried})") from None
+            fetch_missing(name, directory, {spec.filename: spec.md5}, mirrors, download_ok=download_ok)
         data = read_verified(archive, spec.md5, fix=f"delete it and run again to download it "
                              f"afresh, or replace it with {mirrors[0]}{spec.filename}")
         _extract(data, archive, spec.folder, absent, folder)

@@ -125,6 +125,21 @@ def _progress_bar(total: str | None, name: str):
     return tqdm(total=int(total) if total else None, unit="B", unit_scale=True, desc=name)
 
 
+def fetch_missing(name: str, directory: Path, files: dict[str, str], mirrors: list[str], *,
+                  download_ok: bool) -> None:
+    """Download each of `files` (filename -> md5) into `directory` from the first mirror that has
+    it; when downloading is off or fails, the one-line error names what is still missing."""
+    names = list(files)
+    if not download_ok:
+        raise missing_files_error(name, directory, names, mirrors, "files missing and downloading is off")
+    for i, filename in enumerate(names):
+        try:
+            download([m + filename for m in mirrors], directory / filename, files[filename])
+        except DownloadError as e:
+            raise missing_files_error(name, directory, names[i:], mirrors,
+                                      f"download failed (tried {e.tried})") from None
+
+
 def missing_files_error(name: str, directory: Path, files: list[str], mirrors: list[str],
                         why: str) -> UsageError:
     """The one-line error for files that are absent and cannot be downloaded."""

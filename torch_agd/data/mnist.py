@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .files import DownloadError, download, missing_files_error, read_verified
+from .files import fetch_missing, read_verified
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -87,16 +87,9 @@ def load_idx_dataset(name: str, root: Path, *, download_ok: bool):
                 found[filename] = (folder / filename, fix)
                 break
     missing = [f for f in md5s if f not in found]
-    if missing and not download_ok:
-        raise missing_files_error(name, directory, missing, MIRRORS[name],
-                                  "files missing and downloading is off")
-    for i, filename in enumerate(missing):
-        try:
-            download([m + filename for m in MIRRORS[name]], directory / filename, md5s[filename])
-        except DownloadError as e:
-            raise missing_files_error(name, directory, missing[i:], MIRRORS[name],
-                                      f"download failed (tried {e.tried})") from None
-        found[filename] = (directory / filename, None)
+    if missing:
+        fetch_missing(name, directory, {f: md5s[f] for f in missing}, MIRRORS[name], download_ok=download_ok)
+        found.update({f: (directory / f, None) for f in missing})
 
     def read(filename: str) -> torch.Tensor:
         path, fix = found[filename]

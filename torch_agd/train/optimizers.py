@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from torch_agd.errors import UsageError
+from torch_agd.experiments.peers import PEERS, build_peer  # names only: the packages load on use
 
-OPTIMIZERS = ("agd", "adam", "sgd", "prodigy", "dadapt-adam", "dog", "schedulefree")
+OPTIMIZERS = ("agd", "adam", "sgd", *PEERS)
 # The paper's baselines at PyTorch's usual defaults (SGD has none; 0.1 is the paper's).
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
 
@@ -38,10 +39,4 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
         return torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["adam"] if lr is None else lr)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=DEFAULT_LR["sgd"] if lr is None else lr)
-    try:
-        from torch_agd.experiments.peers import PEERS
-    except ImportError:
-        raise UsageError(f"--optimizer {name} needs the peer optimizers: pip install \"torch-agd[peers]\"") from None
-    if name not in PEERS:
-        raise UsageError(f"--optimizer {name} is not among the installed peers ({', '.join(PEERS)})")
-    return PEERS[name](model.parameters(), lr=lr)
+    return build_peer(name, model.parameters(), lr=lr)
