@@ -1,11 +1,14 @@
 """Median optimizer-step time of AGD relative to torch.optim.SGD and Adam on the same tensors.
 
-    python benchmarks/step_overhead.py [--reps 100] [--device cpu|cuda|all]
+    python benchmarks/step_overhead.py [--reps 100] [--device cpu|cuda|all] [--compile]
 
 Shapes: the CIFAR-10 PreAct-ResNet-18 (21 weight tensors, 11.2M parameters) and a 16-layer,
 512-wide FCN on CIFAR inputs. Every optimizer is timed on its own copy of the same tensors and
 gradients, interleaved round by round, so machine noise hits all of them alike. Targets
 (issue 2): AGD <= 2.5x SGD on the CPU, <= 1.5x SGD on a GPU with no device-to-host sync.
+With --compile, every optimizer's step also runs under torch.compile and the compiled steps are
+compared with each other: on a GPU that fuses each optimizer's elementwise work into a few
+kernels, the form in which a step costs what its memory traffic does.
 """
 import argparse
 import statistics
@@ -50,25 +53,28 @@ OPTIMIZERS = {
 }
 
 
-def bench(shapes, device, reps):
+def bench(shapes, device, reps, compiled=False):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    opts = {name: build(make(shapes, device)) for name, build in OPTIMIZERS.items()}
-    times = {name: [] for name in opts}
-    for _ in range(3):  # warm-up: allocator, lazy state, kernels
-        for opt in opts.values():
-            opt.step()
+    names = [n for n in OPTIMIZERS if not (compiled and n == "agd-loop")]
+    steps = {name: OPTIMIZERS[name](make(shapes, device)).step for name in names}
+    if compiled:
+        steps = {name: torch.compile(step) for name, step in steps.items()}
+    times = {name: [] for name in steps}
+    for _ in range(3):  # warm-up: allocator, lazy state, kernels (and compilation)
+        for step in steps.values():
+            step()
     sync()
     for _ in range(reps):
-        for name, opt in opts.items():
+        for name, step in steps.items():
             sync()
             t0 = time.perf_counter()
-            opt.step()
+            step()
             sync()
             times[name].append(time.perf_counter() - t0)
     # Ratios are taken round by round (each round times every optimizer back to back), then
     # the median: a burst of load from elsewhere then skews a few rounds, not the answer.
     med = {name: statistics.median(t) for name, t in times.items()}
-    for name in opts:
+    for name in steps:
         med[name + "/sgd"] = statistics.median(a / b for a, b in zip(times[name], times["sgd"]))
         med[name + "/adam"] = statistics.median(a / b for a, b in zip(times[name], times["adam"]))
     return med
@@ -91,6 +97,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
+    ap.add_argument("--compile", action="store_true", help="also compare torch.compile'd steps")
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -100,14 +107,15 @@ def main():
           f" {'AGD/SGD':>8} {'AGD/Adam':>9} {'loop/SGD':>9}")
     for device in devices:
         for label, shapes in (("preact-resnet18", resnet18_shapes()), ("fcn-16x512", fcn_shapes())):
-            t = bench(shapes, device, args.reps)
-            n = sum(torch.Size(s).numel() for s in shapes)
-            print(f"{device.type:6} {label:18} {n / 1e6:7.1f}M {t['sgd'] * 1e3:8.2f} {t['adam'] * 1e3:8.2f}"
-                  f" {t['agd'] * 1e3:8.2f} {t['agd/sgd']:8.2f}x {t['agd/adam']:8.2f}x"
-                  f" {t['agd-loop/sgd']:8.2f}x")
+            n = sum(torch.Size(s).numel() for s in shapes) / 1e6
+            for compiled in (False, True) if args.compile else (False,):
+                t = bench(shapes, device, args.reps, compiled)
+                loop = "" if compiled else f"{t['agd-loop/sgd']:8.2f}x"
+                print(f"{device.type:6} {label + (' compiled' if compiled else ''):18} {n:7.1f}M"
+                      f" {t['sgd'] * 1e3:8.2f} {t['adam'] * 1e3:8.2f} {t['agd'] * 1e3:8.2f}"
+                      f" {t['agd/sgd']:8.2f}x {t['agd/adam']:8.2f}x {loop:>9}")
             if device.type == "cuda":
                 print(f"{'':6} {label:18} sync check: {check_no_sync(shapes, device)}")
-
 
 if __name__ == "__main__":
     main()

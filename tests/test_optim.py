@@ -181,7 +181,9 @@ def test_non_finite_gradient_leaves_every_weight_unchanged(bad, foreach, masked,
 @pytest.mark.parametrize("foreach", FOREACH)
 def test_half_precision_gradients_accumulate_in_float32(dtype, foreach):
     torch.manual_seed(0)
-    ws = [torch.randn(64, 32, dtype=dtype, requires_grad=True), torch.randn(16, 64, 3, 3, dtype=dtype, requires_grad=True)]
+    # The 128x64x3x3 weight is large enough for the CPU fast path's accumulator.
+    ws = [torch.randn(64, 32, dtype=dtype, requires_grad=True), torch.randn(16, 64, 3, 3, dtype=dtype, requires_grad=True),
+          torch.randn(128, 64, 3, 3, dtype=dtype, requires_grad=True)]
     for w in ws:
         w.grad = (torch.randn(w.shape) * 1e-3).to(dtype)
     ref32 = [w.detach().float().requires_grad_() for w in ws]
@@ -207,6 +209,25 @@ def test_param_groups_with_their_own_gain():
     for w, w0, gain in ((a, before[0], 1.0), (b, before[1], 10.0)):
         moved = torch.linalg.norm(w.detach() - w0).item()
         assert moved == pytest.approx(gain * eta / 2 * s_of(w.shape), rel=1e-5)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_mixed_dtypes_take_the_reference_step(foreach):
+    # The fast path works per (device, dtype) bucket; buckets of identical shapes must not mix.
+    torch.manual_seed(0)
+    ws = [torch.randn(s, dtype=d) for d in (torch.float32, torch.float64) for s in ((8, 6), (4, 8, 3, 3))]
+    gs = [torch.randn(w.shape, dtype=w.dtype) for w in ws]
+    expected, eta = reference_step(ws, gs)
+    params = [w.clone().requires_grad_() for w in ws]
+    opt = AGD(params, foreach=foreach)
+    for _ in range(2):  # the second step reuses the cached layouts
+        for p, g in zip(params, gs):
+            p.grad = g.clone()
+        opt.step()
+        assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+        expected, eta = reference_step([p.detach() for p in params], gs)
 
 
 def test_depth_overrides_L():
@@ -301,14 +322,28 @@ def test_step_compiles_fullgraph_and_matches_eager():
     torch.testing.assert_close(comp.eta, eager.eta)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_conv_weights_take_the_same_step(layout):
-    # Large conv weights go through the fast path's wide views; channels_last ones cannot be viewed.
-    torch.manual_seed(0)
-    ws = [torch.randn(128, 64, 3, 3), torch.randn(96, 64, 1, 2), torch.randn(10, 128)]
-    gs = [torch.randn(w.shape) for w in ws]
+LARGE = [(256, 256, 3, 3), (1024, 32, 3, 3), (96, 64, 1, 2), (40, 40, 3, 3, 3), (10, 128)]
+CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
+def large_weights(layout):
+    """Conv weights big enough for the CPU fast path's row views and L2-sized accumulator (with
+    a partial last block of rows), in the memory layout a model converted to it would have."""
+    ws = [torch.randn(s) for s in LARGE]
+    gs = [torch.randn(s) for s in LARGE]
     if layout == "channels_last":
-        ws[0], gs[0] = ws[0].to(memory_format=torch.channels_last), gs[0].to(memory_format=torch.channels_last)
+        ws = [w.to(memory_format=CHANNELS_LAST[w.dim()]) if w.dim() in CHANNELS_LAST else w for w in ws]
+        gs = [g.to(memory_format=CHANNELS_LAST[g.dim()]) if g.dim() in CHANNELS_LAST else g for g in gs]
+    return ws, gs
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["cpu-branch", "masked"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_conv_weights_take_the_same_step(layout, masked, monkeypatch):
+    if masked:  # the path CUDA and torch.compile take: plain norms, masked gradients
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(0)
+    ws, gs = large_weights(layout)
     expected, eta = reference_step(ws, gs, gain=2.0)
     for foreach in (True, False):
         params = [w.clone().requires_grad_() for w in ws]
@@ -318,6 +353,33 @@ def test_large_conv_weights_take_the_same_step(layout):
         opt.step()
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
         for p, e in zip(params, expected):
+            torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+def test_fast_path_follows_layout_changes_between_steps():
+    # The fast path caches each layout's plan: a gradient that goes missing, changes memory
+    # format or gets a different gain must get a fresh one, never a stale one.
+    torch.manual_seed(0)
+    ws, gs = large_weights("contiguous")
+    params = [w.clone().requires_grad_() for w in ws]
+    opt = AGD(params)
+    cases = [
+        list(gs),
+        [None, *gs[1:]],
+        [gs[0].to(memory_format=torch.channels_last), *gs[1:]],
+        list(gs),
+    ]
+    for i, grads in enumerate(cases):
+        if i == 3:
+            opt.param_groups[0]["gain"] = 3.0
+        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        expected, eta = reference_step([p for p, _ in used], [g for _, g in used],
+                                       gain=opt.param_groups[0]["gain"], depth=len(params))
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone()
+        opt.step()
+        assert opt.eta.item() == pytest.approx(eta, rel=1e-6), f"step {i}"
+        for (p, _), e in zip(used, expected):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
 
 

@@ -8,7 +8,8 @@ One step, for weights W with gradients g(W) of a mean-reduced loss and depth L:
 
 s(W) and the submatrices are defined in scale.py. AGD keeps no per-parameter state.
 Two functional implementations follow torch.optim's layout: `_single_tensor_agd` reads like the
-formulas; `_multi_tensor_agd` batches the same arithmetic with torch._foreach_* ops. Neither reads
+formulas; `_multi_tensor_agd` batches the same arithmetic (one flat vector of norms, foreach
+ops, and layouts worked out once per set of shapes in plan.py). Neither reads
 a GPU value on the host, so a step never waits for the GPU: eta, the step count and the count
 of skipped (non-finite) steps stay 0-d tensors on the device. (On the CPU the fast path does
 look at whether G was finite, which there is a plain memory load, to skip a masking pass.)
@@ -21,13 +22,12 @@ from torch.optim import Optimizer
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from .errors import UsageError
-from .scale import check_weight, kernel_shape, named_weights, num_submatrices, scale
+from . import plan
+from .scale import check_weight, kernel_shape, named_weights, scale
 
 # A submatrix whose gradient norm is exactly zero has g(M) == 0, so dividing by this floor
 # instead of the norm leaves it unchanged, with no 0/0, and no branch on a device value.
 _NORM_FLOOR = 1e-30
-# Below this many elements a conv update is cheaper broadcast than through _wide's views.
-_WIDE_MIN = 1 << 16
 
 
 def _eta(G: Tensor) -> Tensor:
@@ -56,92 +56,58 @@ def _single_tensor_agd(weights, grads, gains, depth):
     return eta, finite
 
 
-def _submatrix_norms(gs, acc):
-    """||g(M)||_F for every submatrix: a 0-d tensor for a single submatrix, else shape (k1, ...)."""
-    norms = [None] * len(gs)
-    single = [i for i, g in enumerate(gs) if num_submatrices(g.shape) == 1]
-    if single:
-        for i, n in zip(single, torch._foreach_norm([gs[i] for i in single], 2, dtype=acc)):
-            norms[i] = n
-    many = [i for i in range(len(gs)) if norms[i] is None]
-    if many and gs[many[0]].device.type == "cpu":
-        # On the CPU, vector_norm over dims (0, 1) runs about 5x slower than a plain sum of
-        # squares; a sum over fresh temporaries pays page faults instead. So the squares go
-        # into one scratch buffer, allocated once per step and reused for every tensor.
-        scratch = torch.empty(max(gs[i].numel() for i in many), dtype=acc)
-        for i in many:
-            squares = scratch[:gs[i].numel()].view(gs[i].shape)
-            if gs[i].dtype == acc:
-                torch.square(gs[i], out=squares)
-            else:  # square after the upcast, so half-precision squares do not round
-                squares.copy_(gs[i]).square_()
-            cols = _wide_columns(squares)
-            if cols:  # same sum, with a long inner loop (see _wide)
-                norms[i] = squares.view(-1, cols).sum(0).view(-1, *gs[i].shape[2:]).sum(0).sqrt_()
-            else:
-                norms[i] = squares.sum(dim=(0, 1)).sqrt_()
-    else:
-        for i in many:
-            norms[i] = torch.linalg.vector_norm(gs[i], dim=(0, 1), dtype=acc)
-    return norms
+def _multi_tensor_agd(weights, grads, gains, depth, plans=None):
+    """Same arithmetic with batched ops, per bucket of same-device, same-dtype tensors.
 
-
-def _wide_columns(w):
-    """For a large contiguous conv weight, a row length m*K (K kernel positions, m | d_out*d_in)
-    whose rows each hold m whole runs of the K positions; None where that does not pay."""
-    if w.numel() < _WIDE_MIN or not w.is_contiguous():
-        return None
-    k = num_submatrices(w.shape)
-    return math.gcd(w.shape[0] * w.shape[1], 64) * k
-
-
-def _wide(w, g, c):
-    """Views that apply one factor per kernel position with a long contiguous inner dimension.
-
-    Broadcasting a (1, 1, k1, k2) factor over a conv weight runs about 7x slower on the CPU than
-    a plain multiply, since the inner loop is only k2 long. Viewing the weight as rows of m*K
-    elements and repeating the K factors m times keeps the arithmetic and gives a long inner loop.
+    `plans` caches each bucket's layout (see plan.py) between steps; None rebuilds it.
     """
-    if c.numel() == 1:  # a 0-d factor is a scalar to the CPU kernels; a (1, 1) one is a slow broadcast
-        return w, g, c.reshape(())
-    cols = _wide_columns(w) if g.is_contiguous() else None
-    if cols is None:  # small, or a layout (channels_last) that cannot be viewed this way
-        return w, g, c.view(kernel_shape(w.shape))
-    return w.view(-1, cols), g.view(-1, cols), c.reshape(-1).repeat(cols // c.numel())
-
-
-def _multi_tensor_agd(weights, grads, gains, depth):
-    """Same arithmetic with foreach ops, grouped by device and dtype."""
     buckets = _group_tensors_by_device_and_dtype([weights, grads], with_indices=True)
     main = weights[0].device
     acc = _acc(max(grads, key=lambda g: g.element_size()).dtype)
+    compiling = torch.compiler.is_compiling()
     partial_G, per_bucket = [], []
     for (device, dtype), ((ws, gs), idx) in buckets.items():
-        norms = _submatrix_norms(gs, _acc(dtype))
-        scales = [scale(w.shape) for w in ws]
-        weighted = torch._foreach_mul(norms, scales)
-        partial_G.append(torch.cat([x.reshape(-1) for x in weighted]).sum().to(main, acc))
-        per_bucket.append((device, ws, gs, norms, [gains[i] * s for i, s in zip(idx, scales)]))
+        bucket_acc, bucket_gains = _acc(dtype), [gains[i] for i in idx]
+        key = (device, dtype, plan.signature(ws, gs, bucket_gains, depth))
+        p = plans.get(key) if plans is not None else None
+        if p is None:
+            p = plan.build(ws, gs, bucket_gains, depth, bucket_acc, row_views=not compiling)
+            if plans is not None and not compiling:
+                plans[key] = p
+        norms = {}
+        if p.single:
+            norms.update(zip(p.single, torch._foreach_norm([gs[i] for i in p.single], 2, dtype=bucket_acc)))
+        for i, rows in p.columns.items():
+            if rows is None:
+                norms[i] = torch.linalg.vector_norm(gs[i], dim=(0, 1), dtype=bucket_acc)
+            else:
+                norms[i] = plan.column_norms(gs[i], *rows, p.workspace)
+        norms = torch.cat([norms[i].reshape(-1) for i in range(len(gs))])  # one per submatrix
+        partial_G.append(torch.dot(norms, p.scales).to(main, acc))
+        per_bucket.append((ws, gs, norms, p))
     G = torch.stack(partial_G).sum() / depth
     finite = torch.isfinite(G)
     eta = torch.where(finite, _eta(G), 0.0)
     # On the CPU outside torch.compile, reading `finite` is a memory load, not a device sync:
     # skip the update outright. Elsewhere a skipped step runs with gradients masked to zero,
     # because eta = 0 alone would still give 0 * inf = NaN.
-    branch = main.type == "cpu" and not torch.compiler.is_compiling()
+    branch = main.type == "cpu" and not compiling
     if branch and not finite:
         return eta, finite
-    for device, ws, gs, norms, gain_scales in per_bucket:
-        step = torch._foreach_clamp_min(norms, _NORM_FLOOR)
-        torch._foreach_reciprocal_(step)
-        torch._foreach_mul_(step, gain_scales)
-        torch._foreach_mul_(step, eta.to(device) / depth)
+    for ws, gs, norms, p in per_bucket:
+        factors = p.coef * eta.to(norms.device, norms.dtype) / norms.clamp_min(_NORM_FLOOR)
         if not branch:  # a NaN norm makes its factor NaN too
-            ok = finite.to(device)
-            step = [torch.where(ok, c, 0) for c in step]
-            gs = [torch.where(ok, g, 0) for g in gs]
-        ws, gs, step = zip(*[_wide(w, g, c) for w, g, c in zip(ws, gs, step)])
-        torch._foreach_addcmul_(list(ws), list(gs), list(step), value=-1)
+            factors = torch.where(finite.to(norms.device), factors, 0)
+        pieces = (factors if p.expand is None else factors.index_select(0, p.expand)).split(p.splits)
+        ws = [plan.view(w, perm, rows) for w, (perm, rows, _) in zip(ws, p.views)]
+        gs = [plan.view(g, perm, rows) for g, (perm, rows, _) in zip(gs, p.views)]
+        cs = [c.view(shape) for c, (_, _, shape) in zip(pieces, p.views)]
+        if branch:
+            torch._foreach_addcmul_(ws, gs, cs, value=-1)
+        else:  # factors of differing shapes make foreach loop per tensor anyway; this way only
+            ok = finite.to(norms.device)  # one masked copy of a gradient is alive at a time
+            for w, g, c in zip(ws, gs, cs):
+                w.addcmul_(torch.where(ok, g, 0), c, value=-1)
     return eta, finite
 
 
@@ -176,6 +142,8 @@ class AGD(Optimizer):
         # eta, steps, skipped_steps: a dict rather than attributes because torch.compile replays
         # mutations of a dict held by the optimizer but drops attribute assignments on it.
         self._agd: dict[str, Tensor] = {}
+        # Layouts of the fast path, by signature (plan.py): shape arithmetic done once, not per step.
+        self._plans: dict = {}
 
     @property
     def eta(self) -> Tensor | None:
@@ -219,8 +187,13 @@ class AGD(Optimizer):
                 gains.append(group["gain"])
         if not weights:
             return loss
-        impl = _multi_tensor_agd if foreach else _single_tensor_agd
-        eta, finite = impl(weights, grads, gains, self.depth)
+        if not foreach:
+            eta, finite = _single_tensor_agd(weights, grads, gains, self.depth)
+        else:
+            if len(self._plans) > 8:  # layouts keep changing (grads come and go): do not hoard
+                self._plans.clear()
+            plans = None if torch.compiler.is_compiling() else self._plans
+            eta, finite = _multi_tensor_agd(weights, grads, gains, self.depth, plans)
         self._record(eta, finite)
         return loss
 
