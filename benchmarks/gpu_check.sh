@@ -12,7 +12,10 @@ if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 0
 fi
 export PYTHONUNBUFFERED=1
-"$py" benchmarks/step_overhead.py --device cuda --compile 2>&1 | tee "$out/step_overhead.log"
+"$py" benchmarks/step_overhead.py --device cuda 2>&1 | tee "$out/step_overhead.log"
+# Compiled and replayed as CUDA graphs, the comparison of memory traffic rather than launches.
+"$py" benchmarks/step_overhead.py --device cuda --model preact-resnet18 --compile reduce-overhead \
+    2>&1 | tee "$out/step_overhead_compiled.log"
 "$py" benchmarks/throughput.py --device cuda --no-job 2>&1 | tee "$out/throughput.log"
 "$py" -m torch_agd train --arch fcn --dataset fashion-mnist --depth 8 --width 256 --epochs 2 --amp \
     --out "$out/amp-run" 2>&1 | tee "$out/amp.log"

@@ -1,14 +1,16 @@
 """Median optimizer-step time of AGD relative to torch.optim.SGD and Adam on the same tensors.
 
-    python benchmarks/step_overhead.py [--reps 100] [--device cpu|cuda|all] [--compile]
+    python benchmarks/step_overhead.py [--reps 100] [--device cpu|cuda|all] [--model NAME]
+                                       [--compile [MODE]]
 
 Shapes: the CIFAR-10 PreAct-ResNet-18 (21 weight tensors, 11.2M parameters) and a 16-layer,
 512-wide FCN on CIFAR inputs. Every optimizer is timed on its own copy of the same tensors and
 gradients, interleaved round by round, so machine noise hits all of them alike. Targets
 (issue 2): AGD <= 2.5x SGD on the CPU, <= 1.5x SGD on a GPU with no device-to-host sync.
-With --compile, every optimizer's step also runs under torch.compile and the compiled steps are
-compared with each other: on a GPU that fuses each optimizer's elementwise work into a few
-kernels, the form in which a step costs what its memory traffic does.
+With --compile, every optimizer's step also runs under torch.compile(mode=MODE) and the compiled
+steps are compared with each other: on a GPU that fuses each optimizer's elementwise work into a
+few kernels, and MODE=reduce-overhead replays them as one CUDA graph, the form in which a step
+costs what its memory traffic does rather than its kernel launches.
 """
 import argparse
 import statistics
@@ -53,12 +55,12 @@ OPTIMIZERS = {
 }
 
 
-def bench(shapes, device, reps, compiled=False):
+def bench(shapes, device, reps, compile_mode=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    names = [n for n in OPTIMIZERS if not (compiled and n == "agd-loop")]
+    names = [n for n in OPTIMIZERS if not (compile_mode and n == "agd-loop")]
     steps = {name: OPTIMIZERS[name](make(shapes, device)).step for name in names}
-    if compiled:
-        steps = {name: torch.compile(step) for name, step in steps.items()}
+    if compile_mode:
+        steps = {name: torch.compile(step, mode=compile_mode) for name, step in steps.items()}
     times = {name: [] for name in steps}
     for _ in range(3):  # warm-up: allocator, lazy state, kernels (and compilation)
         for step in steps.values():
@@ -97,7 +99,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=100)
     ap.add_argument("--device", default="all", choices=["cpu", "cuda", "all"])
-    ap.add_argument("--compile", action="store_true", help="also compare torch.compile'd steps")
+    ap.add_argument("--model", default="all", choices=["preact-resnet18", "fcn-16x512", "all"])
+    ap.add_argument("--compile", nargs="?", const="default", metavar="MODE",
+                    help="also compare torch.compile'd steps (mode: default, reduce-overhead, ...)")
     args = ap.parse_args()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [torch.device(d) for d in devices if d == "cpu" or torch.cuda.is_available()]
@@ -107,11 +111,13 @@ def main():
           f" {'AGD/SGD':>8} {'AGD/Adam':>9} {'loop/SGD':>9}")
     for device in devices:
         for label, shapes in (("preact-resnet18", resnet18_shapes()), ("fcn-16x512", fcn_shapes())):
+            if args.model not in ("all", label):
+                continue
             n = sum(torch.Size(s).numel() for s in shapes) / 1e6
-            for compiled in (False, True) if args.compile else (False,):
-                t = bench(shapes, device, args.reps, compiled)
-                loop = "" if compiled else f"{t['agd-loop/sgd']:8.2f}x"
-                print(f"{device.type:6} {label + (' compiled' if compiled else ''):18} {n:7.1f}M"
+            for mode in (None, args.compile) if args.compile else (None,):
+                t = bench(shapes, device, args.reps, mode)
+                loop = "" if mode else f"{t['agd-loop/sgd']:8.2f}x"
+                print(f"{device.type:6} {label + (' compiled' if mode else ''):18} {n:7.1f}M"
                       f" {t['sgd'] * 1e3:8.2f} {t['adam'] * 1e3:8.2f} {t['agd'] * 1e3:8.2f}"
                       f" {t['agd/sgd']:8.2f}x {t['agd/adam']:8.2f}x {loop:>9}")
             if device.type == "cuda":
