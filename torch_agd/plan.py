@@ -57,8 +57,10 @@ def rows_view(t):
     if t.numel() < _ROWS_MIN or k == 1:
         return None
     if t.is_contiguous():  # (d_out, d_in, kernel...): rows of m runs of K, m | d_out * d_in
-        cols = math.gcd(t.shape[0] * t.shape[1], 64) * k
-        return None, t.numel() // cols, cols, True
+        m = math.gcd(t.shape[0] * t.shape[1], 64)
+        while m > 1 and m * k > 4096:  # long enough already; keeps the factor index small
+            m //= 2
+        return None, t.numel() // (m * k), m * k, True
     perm = (0, *range(2, t.dim()), 1)
     if t.permute(perm).is_contiguous():  # channels_last: (d_out, kernel..., d_in) in memory
         return perm, t.shape[0], t.numel() // t.shape[0], False
@@ -75,8 +77,10 @@ def build(ws, gs, gains, depth, acc, row_views=True) -> Plan:
     scales = [scale(w.shape) for w, k in zip(ws, ks) for _ in range(k)]
     coef = [gain * scale(w.shape) / depth for w, k, gain in zip(ws, ks, gains) for _ in range(k)]
     single = [i for i, k in enumerate(ks) if k == 1]
+    # CPU one-read norms where a row fits the workspace (kernels of thousands of positions do not)
+    fits = lambda rv: rv if rv is not None and rv[2] * acc.itemsize <= _ACC_BYTES else None
     cpu_rows = device.type == "cpu" and row_views
-    columns = {i: rows_view(g) if cpu_rows else None for i, (g, k) in enumerate(zip(gs, ks)) if k > 1}
+    columns = {i: fits(rows_view(g)) if cpu_rows else None for i, (g, k) in enumerate(zip(gs, ks)) if k > 1}
     expand, splits, views = [], [], []
     for w, g, k, off in zip(ws, gs, ks, offsets):
         rv = rows_view(g) if row_views else None
