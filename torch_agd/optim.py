@@ -71,7 +71,8 @@ def _multi_tensor_agd(weights, grads, gains, depth, plans=None):
         key = (device, dtype, plan.signature(ws, gs, bucket_gains, depth))
         p = plans.get(key) if plans is not None else None
         if p is None:
-            p = plan.build(ws, gs, bucket_gains, depth, bucket_acc, row_views=not compiling)
+            host = device.type == "cpu" and not compiling
+            p = plan.build(ws, gs, bucket_gains, depth, bucket_acc, host)
             if plans is not None and not compiling:
                 plans[key] = p
         norms = {}

@@ -67,11 +67,13 @@ def rows_view(t):
     return None
 
 
-def build(ws, gs, gains, depth, acc, row_views=True) -> Plan:
-    """The plan for one bucket. Without row_views (under torch.compile, which fuses a broadcast
-    factor into its own loops but turns index_select into a slow gather) every factor is a
-    plain slice of the flat vector."""
+def build(ws, gs, gains, depth, acc, host=True) -> Plan:
+    """The plan for one bucket. `host`: CPU tensors outside torch.compile, which get row views
+    and one-read norms. Elsewhere every factor is a plain slice of the flat vector, broadcast over
+    its weight: a GPU kernel or a compiled loop handles that at full speed, an extra index_select
+    would only add a launch, and torch.compile turns it into a slow gather."""
     device = ws[0].device
+    assert not host or device.type == "cpu"
     ks = [num_submatrices(w.shape) for w in ws]
     offsets = [sum(ks[:i]) for i in range(len(ks))]
     scales = [scale(w.shape) for w, k in zip(ws, ks) for _ in range(k)]
@@ -79,11 +81,10 @@ def build(ws, gs, gains, depth, acc, row_views=True) -> Plan:
     single = [i for i, k in enumerate(ks) if k == 1]
     # CPU one-read norms where a row fits the workspace (kernels of thousands of positions do not)
     fits = lambda rv: rv if rv is not None and rv[2] * acc.itemsize <= _ACC_BYTES else None
-    cpu_rows = device.type == "cpu" and row_views
-    columns = {i: fits(rows_view(g)) if cpu_rows else None for i, (g, k) in enumerate(zip(gs, ks)) if k > 1}
+    columns = {i: fits(rows_view(g)) if host else None for i, (g, k) in enumerate(zip(gs, ks)) if k > 1}
     expand, splits, views = [], [], []
     for w, g, k, off in zip(ws, gs, ks, offsets):
-        rv = rows_view(g) if row_views else None
+        rv = rows_view(g) if host else None
         if k == 1:
             idx, view = [off], (None, None, ())  # a 0-d factor is a scalar to the kernels
         elif rv is not None and rv == rows_view(w):
