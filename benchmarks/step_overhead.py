@@ -13,12 +13,14 @@ few kernels, and MODE=reduce-overhead replays them as one CUDA graph, the form i
 costs what its memory traffic does rather than its kernel launches.
 """
 import argparse
+import math
 import statistics
 import time
 
 import torch
 
 from torch_agd import AGD
+from torch_agd.scale import scale
 
 
 def resnet18_shapes(classes=10):
@@ -47,17 +49,44 @@ def make(shapes, device, seed=0):
     return params
 
 
+class PublishedStyleAGD(torch.optim.Optimizer):
+    """The same AGD step built the way the published code is (as ../shared/AGD-SPEC.md describes
+    it): a Python loop over tensors, one norm per kernel position with vector_norm, and G and eta
+    as Python floats, so one device-to-host copy per tensor. Written here, for timing only."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self):
+        ps = [p for group in self.param_groups for p in group["params"]]
+        norms = [torch.linalg.vector_norm(p.grad, dim=(0, 1), keepdim=True) for p in ps]
+        G = sum(scale(p.shape) * n.sum().item() for p, n in zip(ps, norms)) / len(ps)
+        eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+        for p, n in zip(ps, norms):
+            p.sub_(eta / len(ps) * scale(p.shape) * p.grad / n)
+
+
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3, foreach=True),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
     "agd": lambda ps: AGD(ps, foreach=True),
     "agd-loop": lambda ps: AGD(ps, foreach=False),
+    "published": PublishedStyleAGD,
 }
 
 
-def bench(shapes, device, reps, compile_mode=None):
+# The reference implementations allocate gradient-sized temporaries every step; their page faults
+# and cache traffic slow whatever step is timed next to them, by up to half on this project's VM.
+# So the main comparison and the references run in rounds of their own, each with SGD and AGD.
+MAIN = ("sgd", "adam", "agd")
+REFERENCES = ("sgd", "agd", "agd-loop", "published")
+
+
+def bench(shapes, device, reps, names, compile_mode=None):
+    """Median step time of each optimizer in `names`, and the median of its per-round ratio to
+    every other one (key "a/b")."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    names = [n for n in OPTIMIZERS if not (compile_mode and n == "agd-loop")]
     steps = {name: OPTIMIZERS[name](make(shapes, device)).step for name in names}
     if compile_mode:
         steps = {name: torch.compile(step, mode=compile_mode) for name, step in steps.items()}
@@ -76,9 +105,9 @@ def bench(shapes, device, reps, compile_mode=None):
     # Ratios are taken round by round (each round times every optimizer back to back), then
     # the median: a burst of load from elsewhere then skews a few rounds, not the answer.
     med = {name: statistics.median(t) for name, t in times.items()}
-    for name in steps:
-        med[name + "/sgd"] = statistics.median(a / b for a, b in zip(times[name], times["sgd"]))
-        med[name + "/adam"] = statistics.median(a / b for a, b in zip(times[name], times["adam"]))
+    for a in names:
+        for b in names:
+            med[f"{a}/{b}"] = statistics.median(x / y for x, y in zip(times[a], times[b]))
     return med
 
 
@@ -108,18 +137,21 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {args.reps} rounds;"
           " median step times, and medians of the per-round ratios")
     print(f"{'device':6} {'model':18} {'params':>8} {'SGD ms':>8} {'Adam ms':>8} {'AGD ms':>8}"
-          f" {'AGD/SGD':>8} {'AGD/Adam':>9} {'loop/SGD':>9}")
+          f" {'AGD/SGD':>8} {'AGD/Adam':>9} {'loop/SGD':>9} {'pub/SGD':>8} {'AGD/pub':>8}")
     for device in devices:
         for label, shapes in (("preact-resnet18", resnet18_shapes()), ("fcn-16x512", fcn_shapes())):
             if args.model not in ("all", label):
                 continue
             n = sum(torch.Size(s).numel() for s in shapes) / 1e6
             for mode in (None, args.compile) if args.compile else (None,):
-                t = bench(shapes, device, args.reps, mode)
-                loop = "" if mode else f"{t['agd-loop/sgd']:8.2f}x"
+                t = bench(shapes, device, args.reps, MAIN, mode)
+                loop = ""
+                if not mode:
+                    r = bench(shapes, device, args.reps, REFERENCES)
+                    loop = f"{r['agd-loop/sgd']:8.2f}x {r['published/sgd']:7.2f}x {r['agd/published']:7.2f}x"
                 print(f"{device.type:6} {label + (' compiled' if mode else ''):18} {n:7.1f}M"
                       f" {t['sgd'] * 1e3:8.2f} {t['adam'] * 1e3:8.2f} {t['agd'] * 1e3:8.2f}"
-                      f" {t['agd/sgd']:8.2f}x {t['agd/adam']:8.2f}x {loop:>9}")
+                      f" {t['agd/sgd']:8.2f}x {t['agd/adam']:8.2f}x {loop}")
             if device.type == "cuda":
                 print(f"{'':6} {label:18} sync check: {check_no_sync(shapes, device)}")
 

@@ -368,10 +368,11 @@ def test_fast_path_follows_layout_changes_between_steps():
         list(gs),
         [None, *gs[1:]],
         [gs[0].to(memory_format=torch.channels_last), *gs[1:]],
+        [*gs[:-1], gs[-1].t().contiguous().t()],  # a column-major linear gradient
         list(gs),
     ]
     for i, grads in enumerate(cases):
-        if i == 3:
+        if i == 4:
             opt.param_groups[0]["gain"] = 3.0
         used = [(p, g) for p, g in zip(params, grads) if g is not None]
         expected, eta = reference_step([p for p, _ in used], [g for _, g in used],

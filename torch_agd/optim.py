@@ -76,6 +76,9 @@ def _multi_tensor_agd(weights, grads, gains, depth, plans=None):
             if plans is not None and not compiling:
                 plans[key] = p
         norms = {}
+        if p.dots:
+            squares = torch.stack([torch.dot(gs[i].view(-1), gs[i].view(-1)) for i in p.dots])
+            norms.update(zip(p.dots, squares.sqrt_()))
         if p.single:
             norms.update(zip(p.single, torch._foreach_norm([gs[i] for i in p.single], 2, dtype=bucket_acc)))
         for i, rows in p.columns.items():

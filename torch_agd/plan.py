@@ -27,7 +27,8 @@ _ACC_BYTES = 1 << 20
 
 @dataclass
 class Plan:
-    single: list       # positions (in the bucket) of single-submatrix tensors
+    single: list       # positions (in the bucket) of single-submatrix tensors, normed by foreach
+    dots: list         # the others of them: host, contiguous, accumulate in their own dtype
     columns: dict      # position -> rows_view of the other tensors: CPU one-read norms if not None
     scales: Tensor     # s(W) per submatrix, flat (bucket) order
     coef: Tensor       # gain * s(W) / L per submatrix, flat order
@@ -78,7 +79,10 @@ def build(ws, gs, gains, depth, acc, host=True) -> Plan:
     offsets = [sum(ks[:i]) for i in range(len(ks))]
     scales = [scale(w.shape) for w, k in zip(ws, ks) for _ in range(k)]
     coef = [gain * scale(w.shape) / depth for w, k, gain in zip(ws, ks, gains) for _ in range(k)]
-    single = [i for i, k in enumerate(ks) if k == 1]
+    # BLAS dot reads a contiguous float32 vector about 1.3x faster than the norm kernels on the
+    # CPU, and rounds less (once measured: 8x closer to float64 than vector_norm at 50M elements).
+    dots = [i for i, (g, k) in enumerate(zip(gs, ks)) if host and k == 1 and g.is_contiguous() and g.dtype == acc]
+    single = [i for i, k in enumerate(ks) if k == 1 and i not in dots]
     # CPU one-read norms where a row fits the workspace (kernels of thousands of positions do not)
     fits = lambda rv: rv if rv is not None and rv[2] * acc.itemsize <= _ACC_BYTES else None
     columns = {i: fits(rows_view(g)) if host else None for i, (g, k) in enumerate(zip(gs, ks)) if k > 1}
@@ -99,7 +103,7 @@ def build(ws, gs, gains, depth, acc, host=True) -> Plan:
     as_tensor = lambda x, dtype: torch.tensor(x, dtype=dtype).to(device, non_blocking=True)
     expand = None if expand == list(range(len(expand))) else as_tensor(expand, torch.int64)
     workspace = torch.empty(_ACC_BYTES // acc.itemsize, dtype=acc) if any(columns.values()) else None
-    return Plan(single, columns, as_tensor(scales, acc), as_tensor(coef, acc), expand, splits, views,
+    return Plan(single, dots, columns, as_tensor(scales, acc), as_tensor(coef, acc), expand, splits, views,
                 workspace)
 
 
