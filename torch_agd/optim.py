@@ -77,7 +77,7 @@ def _multi_tensor_agd(weights, grads, gains, depth, plans=None):
                 plans[key] = p
         norms = {}
         if p.dots:
-            squares = torch.stack([torch.dot(gs[i].view(-1), gs[i].view(-1)) for i in p.dots])
+            squares = torch.stack([torch.dot(v, v) for v in (gs[i].view(-1) for i in p.dots)])
             norms.update(zip(p.dots, squares.sqrt_()))
         if p.single:
             norms.update(zip(p.single, torch._foreach_norm([gs[i] for i in p.single], 2, dtype=bucket_acc)))
