@@ -173,6 +173,10 @@ def _test_dump(env: DistEnv, epoch: int, model, test=None) -> None:
                    Path(where) / f"rank{env.rank}-epoch{epoch}.pt")
 
 
+# How long a rank other than 0 waits, after a mistake in the flags, before it exits.
+QUIET_RANK_WAIT_S = 10.0
+
+
 def run(args: argparse.Namespace) -> int:
     # Mistakes in the flags are found before joining the process group, so a bad launch stops
     # at once; every rank finds them alike, so only rank 0 says so (a resume also reads
@@ -183,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
         check_split(config, world_size)
     except UsageError:
         if rank != 0 and not args.resume:
+            # A rank that leaves first gets rank 0 killed by the launcher before it has said why,
+            # so the others wait (the launcher ends them once rank 0 has spoken and left).
+            time.sleep(QUIET_RANK_WAIT_S)
             return 2
         raise
     env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"])
