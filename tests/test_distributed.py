@@ -404,7 +404,7 @@ def test_a_hung_or_dead_rank_ends_rank_0_with_one_line(fate, tmp_path):
         for p in procs:
             p.kill()
             p.communicate()
-    assert procs[0].returncode == 1
+    assert procs[0].returncode == 1, stderr[-3000:]
     assert stderr.count("\n") == 1 and stderr.startswith("agd: error: rank 0 of 2: "), stderr[-3000:]
     assert "--resume" in stderr
     if fate == "hangs":

@@ -206,7 +206,11 @@ def run(args: argparse.Namespace) -> int:
         if message is None:
             raise
         print(f"agd: error: {message}; continue with --out {config['out']} --resume", file=sys.stderr, flush=True)
-        return 1
+        # Leave at once, without tearing down the process group: its other pending collectives
+        # wait on the lost peer too, and one timing out later in a gloo thread aborts the process
+        # (SIGABRT instead of this exit code). Every file of the run is already complete on disk.
+        sys.stdout.flush()
+        os._exit(1)
     finally:
         env.close()
 
