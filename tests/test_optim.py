@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -355,6 +355,33 @@ def test_large_conv_weights_take_the_same_step(layout, masked, monkeypatch):
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
         for p, e in zip(params, expected):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=12, deadline=None)
+@given(d_out=st.sampled_from([3, 17, 64, 100, 129, 256, 511]), d_in=st.sampled_from([1, 5, 32, 96, 130, 257]),
+       kernel=st.sampled_from([(1, 2), (3, 3), (2, 5), (3, 1, 3)]), layout=st.sampled_from(["contiguous", "channels_last"]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), seed=st.integers(0, 2**16))
+def test_fast_path_matches_the_loop_on_large_conv_shapes(d_out, d_in, kernel, layout, dtype, seed):
+    # Any large conv weight, whatever its row length and layout, goes through the CPU fast path's
+    # row views and workspace norms; the per-tensor loop is the check.
+    shape = (d_out, d_in, *kernel)
+    assume(math.prod(shape) >= 65536)
+    gen = torch.Generator().manual_seed(seed)
+    w, g = (torch.randn(shape, dtype=dtype, generator=gen) for _ in range(2))
+    if layout == "channels_last":
+        fmt = CHANNELS_LAST[len(shape)]
+        w, g = w.to(memory_format=fmt), g.to(memory_format=fmt)
+    head = torch.randn(7, d_out, dtype=dtype, generator=gen)
+    results = []
+    for foreach in (True, False):
+        p, q = w.clone().requires_grad_(), head.clone().requires_grad_()
+        p.grad, q.grad = g.clone(), torch.ones_like(head)
+        opt = AGD([p, q], foreach=foreach)
+        opt.step()
+        results.append((opt.eta.item(), p.detach()))
+    (eta_fast, fast), (eta_loop, loop) = results
+    assert eta_fast == pytest.approx(eta_loop, rel=1e-5)
+    torch.testing.assert_close(fast, loop, rtol=1e-5, atol=1e-6)
 
 
 def test_fast_path_follows_layout_changes_between_steps():
