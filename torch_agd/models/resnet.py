@@ -26,7 +26,30 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 # ---------------------------------------------------------------- CIFAR, pre-activation
 
 
-class PreActBlock(nn.Module):
+def _shortcut(d_in: int, d_out: int, stride: int) -> nn.Conv2d | None:
+    """The 1x1 conv wherever a block changes the shape; None where the input is added as it is."""
+    return _conv(d_in, d_out, 1, stride) if stride != 1 or d_in != d_out else None
+
+
+class _PreAct(nn.Module):
+    """What both pre-activation blocks share: BN-ReLU of the input feeds conv1 and the shortcut
+    conv (if any); each later (bn, conv) pair is BN-ReLU-conv. Subclasses register their layers
+    in the published order (bn1, conv1, ..., shortcut), which init_weights_ draws in."""
+
+    def later(self) -> tuple:
+        """The (bn, conv) pairs after conv1, in order."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.bn1(x).relu()
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        for bn, conv in self.later():
+            out = conv(bn(out).relu())
+        return out + shortcut
+
+
+class PreActBlock(_PreAct):
     """BN-ReLU-conv3x3-BN-ReLU-conv3x3, plus the input (or a 1x1 conv of the activated input)."""
 
     expansion = 1
@@ -37,40 +60,29 @@ class PreActBlock(nn.Module):
         self.conv1 = _conv(d_in, planes, 3, stride)
         self.bn2 = _bn(planes)
         self.conv2 = _conv(planes, planes, 3)
-        d_out = planes * self.expansion
-        self.shortcut = _conv(d_in, d_out, 1, stride) if stride != 1 or d_in != d_out else None
+        self.shortcut = _shortcut(d_in, planes * self.expansion, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(x).relu()
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.bn2(out).relu())
-        return out + shortcut
+    def later(self) -> tuple:
+        return ((self.bn2, self.conv2),)
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreAct):
     """BN-ReLU-conv1x1, BN-ReLU-conv3x3 (strided), BN-ReLU-conv1x1 to 4x the planes, plus shortcut."""
 
     expansion = 4
 
     def __init__(self, d_in: int, planes: int, stride: int = 1):
         super().__init__()
-        d_out = planes * self.expansion
         self.bn1 = _bn(d_in)
         self.conv1 = _conv(d_in, planes, 1)
         self.bn2 = _bn(planes)
         self.conv2 = _conv(planes, planes, 3, stride)
         self.bn3 = _bn(planes)
-        self.conv3 = _conv(planes, d_out, 1)
-        self.shortcut = _conv(d_in, d_out, 1, stride) if stride != 1 or d_in != d_out else None
+        self.conv3 = _conv(planes, planes * self.expansion, 1)
+        self.shortcut = _shortcut(d_in, planes * self.expansion, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.bn1(x).relu()
-        shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv1(out)
-        out = self.conv2(self.bn2(out).relu())
-        out = self.conv3(self.bn3(out).relu())
-        return out + shortcut
+    def later(self) -> tuple:
+        return ((self.bn2, self.conv2), (self.bn3, self.conv3))
 
 
 class PreActResNet(nn.Module):
