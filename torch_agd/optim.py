@@ -59,12 +59,15 @@ def _single_tensor_agd(weights, grads, gains, depth):
 def _multi_tensor_agd(weights, grads, gains, depth, plans=None):
     """Same arithmetic with batched ops, per bucket of same-device, same-dtype tensors.
 
-    `plans` caches each bucket's layout (see plan.py) between steps; None rebuilds it.
+    `plans` caches each bucket's layout (see plan.py) between steps; None rebuilds it, as does
+    tracing under torch.compile (the trace keeps what it needs).
     """
     buckets = _group_tensors_by_device_and_dtype([weights, grads], with_indices=True)
     main = weights[0].device
     acc = _acc(max(grads, key=lambda g: g.element_size()).dtype)
     compiling = torch.compiler.is_compiling()
+    if compiling:
+        plans = None
     partial_G, per_bucket = [], []
     for (device, dtype), ((ws, gs), idx) in buckets.items():
         bucket_acc, bucket_gains = _acc(dtype), [gains[i] for i in idx]
@@ -73,7 +76,7 @@ def _multi_tensor_agd(weights, grads, gains, depth, plans=None):
         if p is None:
             host = device.type == "cpu" and not compiling
             p = plan.build(ws, gs, bucket_gains, depth, bucket_acc, host)
-            if plans is not None and not compiling:
+            if plans is not None:
                 plans[key] = p
         norms = {}
         if p.dots:
@@ -196,8 +199,7 @@ class AGD(Optimizer):
         else:
             if len(self._plans) > 8:  # layouts keep changing (grads come and go): do not hoard
                 self._plans.clear()
-            plans = None if torch.compiler.is_compiling() else self._plans
-            eta, finite = _multi_tensor_agd(weights, grads, gains, self.depth, plans)
+            eta, finite = _multi_tensor_agd(weights, grads, gains, self.depth, self._plans)
         self._record(eta, finite)
         return loss
 

@@ -9,6 +9,7 @@ All norms of a bucket live in one flat vector, tensor by tensor. `expand` maps t
 it holds factors) to the concatenation of every tensor's factor view, so one index_select and
 one split hand each tensor its factors.
 """
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -76,7 +77,8 @@ def build(ws, gs, gains, depth, acc, host=True) -> Plan:
     device = ws[0].device
     assert not host or device.type == "cpu"
     ks = [num_submatrices(w.shape) for w in ws]
-    offsets = [sum(ks[:i]) for i in range(len(ks))]
+    offsets = [0, *itertools.accumulate(ks)][:-1]
+    rvs = [rows_view(g) if host else None for g in gs]  # host only: see the docstring
     scales = [scale(w.shape) for w, k in zip(ws, ks) for _ in range(k)]
     coef = [gain * scale(w.shape) / depth for w, k, gain in zip(ws, ks, gains) for _ in range(k)]
     # BLAS dot reads a contiguous float32 vector about 1.3x faster than the norm kernels on the
@@ -85,10 +87,9 @@ def build(ws, gs, gains, depth, acc, host=True) -> Plan:
     single = [i for i, k in enumerate(ks) if k == 1 and i not in dots]
     # CPU one-read norms where a row fits the workspace (kernels of thousands of positions do not)
     fits = lambda rv: rv if rv is not None and rv[2] * acc.itemsize <= _ACC_BYTES else None
-    columns = {i: fits(rows_view(g)) if host else None for i, (g, k) in enumerate(zip(gs, ks)) if k > 1}
+    columns = {i: fits(rv) for i, (rv, k) in enumerate(zip(rvs, ks)) if k > 1}
     expand, splits, views = [], [], []
-    for w, g, k, off in zip(ws, gs, ks, offsets):
-        rv = rows_view(g) if host else None
+    for w, rv, k, off in zip(ws, rvs, ks, offsets):
         if k == 1:
             idx, view = [off], (None, None, ())  # a 0-d factor is a scalar to the kernels
         elif rv is not None and rv == rows_view(w):
