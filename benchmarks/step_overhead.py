@@ -155,5 +155,6 @@ def main():
             if device.type == "cuda":
                 print(f"{'':6} {label:18} sync check: {check_no_sync(shapes, device)}")
 
+
 if __name__ == "__main__":
     main()
