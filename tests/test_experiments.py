@@ -374,6 +374,41 @@ def test_results_page_renders_every_grid_with_figures(tmp_path):
     assert "AGD ranks" in text and "± " in text
 
 
+# A small sweep of every grid whose numbers reach every branch of the page: AGD losing, tying
+# and beating, a diverged run, a shape that did not train, a batch size that falls off, and an
+# unfinished run. Accuracy by (group, seed); the page of these runs is pinned byte for byte.
+PINNED_ACC = {
+    "agd": 0.80, "adam-lr1e-04": 0.78, "adam-lr1e-03": 0.84, "adam-lr1e-02": 0.70,
+    "sgd-lr1e-05": None, "sgd-lr1e-01": 0.79, "prodigy": 0.82, "dadapt-adam": 0.80, "dog": 0.75,
+    "schedulefree": None, "d16-w32": 0.15, "bs4096": 0.55,
+}
+
+
+def write_pinned_runs(root: Path) -> None:
+    """ROOT/{lr,shape,batch,peers}: two seeds of each grid's runs, as `agd train` leaves them."""
+    for name in results.GRID_ORDER:
+        for spec in sweep.grid_runs(name, "small", seeds=2):
+            config = {**_flags(spec.argv), "version": "0.1.0", "git_commit": "0123abc"}
+            acc = PINNED_ACC.get(spec.group, 0.60 + 0.01 * len(spec.group))
+            run_dir = root / name / spec.name
+            write_run(run_dir, config, 2, 0.5 if acc is None else acc + 0.01 * spec.seed,
+                      finished=spec.name != "dog-s1", eta=config["optimizer"] == "agd")
+            if acc is None:  # diverged: no finite test accuracy or loss
+                rows = [{**json.loads(line), "test_acc": None, "train_loss": None}
+                        for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+                (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+PINNED_PAGE = Path(__file__).parent / "data" / "results_page.md"
+
+
+def test_results_page_of_a_pinned_sweep_is_unchanged(tmp_path, monkeypatch):
+    write_pinned_runs(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)  # relative paths, as scripts/make_results.sh gives them
+    page = results.render_page(Path("runs"), Path("docs/results.md"), Path("docs/figures"))
+    assert page == PINNED_PAGE.read_text()  # regenerate only for a change meant to show on the page
+
+
 def test_results_page_without_runs_is_an_error(tmp_path, capsys):
     assert results.main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
     assert "run the sweeps first" in capsys.readouterr().err
