@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from torch_agd.cli import main
-from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import rundir
 from torch_agd.train.config import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,7 +145,7 @@ def _alive(pid: int) -> bool:
 
 
 def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / ckpt.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (out / rundir.METRICS).read_text().splitlines()]
 
 
 def _dump(dump: Path, rank: int, epoch: int) -> dict:
@@ -261,7 +261,7 @@ def runs(tmp_path_factory):
 def test_two_ranks_hold_bitwise_identical_weights_from_start_to_end(runs):
     for epoch in range(EPOCHS + 1):
         assert _bitwise_equal(_dump(runs["dump2"], 0, epoch)["model"], _dump(runs["dump2"], 1, epoch)["model"]), epoch
-    final = torch.load(runs["two"] / ckpt.CHECKPOINT, weights_only=True)
+    final = torch.load(runs["two"] / rundir.CHECKPOINT, weights_only=True)
     assert final["epoch"] == EPOCHS
     assert _bitwise_equal(final["model"], _dump(runs["dump2"], 1, EPOCHS)["model"])
     # and they moved: the check above is not comparing two copies of the initial weights
@@ -277,7 +277,7 @@ def test_two_ranks_match_one_process_weights_eta_and_accuracy(runs):
         for name in one:
             err = (two[name] - one[name]).norm() / one[name].norm()
             assert err <= 1e-5, (epoch, name, err.item())
-    a, b = torch.load(runs["two"] / ckpt.CHECKPOINT, weights_only=True), torch.load(runs["one"] / ckpt.CHECKPOINT,
+    a, b = torch.load(runs["two"] / rundir.CHECKPOINT, weights_only=True), torch.load(runs["one"] / rundir.CHECKPOINT,
                                                                                       weights_only=True)
     assert a["optimizer"]["agd"]["steps"].item() == b["optimizer"]["agd"]["steps"].item() == EPOCHS * STEPS_PER_EPOCH
     assert _rel(a["optimizer"]["agd"]["eta"].item(), b["optimizer"]["agd"]["eta"].item()) <= 1e-5  # the last step's
@@ -320,12 +320,12 @@ def test_two_rank_evaluation_counts_every_test_sample_once(runs):
 @end_to_end
 def test_only_rank_0_reports(runs):
     assert sorted(p.name for p in runs["two"].iterdir()) == sorted(
-        [ckpt.CONFIG, ckpt.METRICS, ckpt.CHECKPOINT, ckpt.SUMMARY])
+        [rundir.CONFIG, rundir.METRICS, rundir.CHECKPOINT, rundir.SUMMARY])
     lines = runs["stdout"].splitlines()
     assert sum(line.startswith("epoch ") for line in lines) == EPOCHS, runs["stdout"]
     assert sum(line.startswith("done: ") for line in lines) == 1
     assert "2 x cpu" in lines[0]
-    config = json.loads((runs["two"] / ckpt.CONFIG).read_text())
+    config = json.loads((runs["two"] / rundir.CONFIG).read_text())
     assert config["train_bs"] == 2048 and config["test_bs"] == 768  # global sizes, as typed
 
 
@@ -336,22 +336,22 @@ def test_only_rank_0_reports(runs):
 def test_resume_after_killing_the_torchrun_group_matches_an_uninterrupted_run(runs, tmp_path):
     out = tmp_path / "killed"
     proc = _torchrun(*FLAGS, "--out", str(out), data_dir=tmp_path / "data")
-    _wait_for(out / ckpt.CHECKPOINT, [proc])
+    _wait_for(out / rundir.CHECKPOINT, [proc])
     workers = _kill_job(proc)  # the launcher and both ranks at once, as a preemption (scancel) would
     assert sorted(workers) == [0, 1]
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers.values()) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(_alive(pid) for pid in workers.values())
-    state = torch.load(out / ckpt.CHECKPOINT, weights_only=True)
-    assert state["epoch"] < EPOCHS and not (out / ckpt.SUMMARY).exists()
+    state = torch.load(out / rundir.CHECKPOINT, weights_only=True)
+    assert state["epoch"] < EPOCHS and not (out / rundir.SUMMARY).exists()
 
     resumed = _torchrun("--out", str(out), "--resume", data_dir=tmp_path / "data")
     stdout, stderr = _finish(resumed)
     assert resumed.returncode == 0, stderr
     assert f"resuming at epoch {state['epoch'] + 1}" in stdout
-    a = torch.load(out / ckpt.CHECKPOINT, weights_only=True)
-    b = torch.load(runs["two"] / ckpt.CHECKPOINT, weights_only=True)
+    a = torch.load(out / rundir.CHECKPOINT, weights_only=True)
+    b = torch.load(runs["two"] / rundir.CHECKPOINT, weights_only=True)
     assert a["epoch"] == b["epoch"] == EPOCHS
     assert _bitwise_equal(a["model"], b["model"])
     assert _bitwise_equal(a["optimizer"]["agd"], b["optimizer"]["agd"])
@@ -363,7 +363,7 @@ def test_resume_after_killing_the_torchrun_group_matches_an_uninterrupted_run(ru
 def test_a_dead_rank_ends_the_torchrun_job(tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(*FLAGS, "--out", str(out), data_dir=tmp_path / "data")
-    _wait_for(out / ckpt.CHECKPOINT, [proc])
+    _wait_for(out / rundir.CHECKPOINT, [proc])
     workers = _rank_pids(proc.pid)
     os.kill(workers[1], signal.SIGKILL)
     start = time.monotonic()
@@ -371,7 +371,7 @@ def test_a_dead_rank_ends_the_torchrun_job(tmp_path):
     assert time.monotonic() - start < 30  # torchrun's monitor, not a process-group timeout
     assert proc.returncode != 0 and not _alive(workers[0])
     assert "Signal 9 (SIGKILL)" in stderr and "local_rank: 1" in stderr, stderr[-3000:]
-    assert not (out / ckpt.SUMMARY).exists()
+    assert not (out / rundir.SUMMARY).exists()
 
 
 @end_to_end
@@ -392,7 +392,7 @@ def test_a_hung_or_dead_rank_ends_rank_0_with_one_line(fate, tmp_path):
                                        "--data_dir", str(tmp_path / "data")], cwd=cwd, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
-        _wait_for(cwds[0] / "run" / ckpt.CHECKPOINT, procs)
+        _wait_for(cwds[0] / "run" / rundir.CHECKPOINT, procs)
         os.kill(procs[1].pid, signal.SIGSTOP if fate == "hangs" else signal.SIGKILL)
         start = time.monotonic()
         try:

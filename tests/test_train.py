@@ -21,6 +21,7 @@ from torch_agd.cli import main
 from torch_agd.data import DATASETS
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import rundir
 from torch_agd.train import config as train_config
 from torch_agd.train import run as run_module
 from torch_agd.train.dist import DistEnv
@@ -145,20 +146,6 @@ def test_train_epoch_without_eta_and_evaluate_totals():
 # ------------------------------------------------------------------ files and processes
 
 
-def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
-    path = tmp_path / "config.json"
-    ckpt.atomic_write_json(path, {"a": 1})
-
-    def interrupted(src, dst):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(ckpt.os, "replace", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_write_json(path, {"a": 2})
-    assert json.loads(path.read_text()) == {"a": 1}
-    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporary file left
-
-
 def test_dist_env_single_process_and_launcher_errors(monkeypatch):
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
         monkeypatch.delenv(var, raising=False)
@@ -194,7 +181,7 @@ def _argv(data_dir, out, epochs=3, *extra):
 
 
 def _rows(out):
-    return [json.loads(line) for line in (Path(out) / ckpt.METRICS).read_text().splitlines()]
+    return [json.loads(line) for line in (Path(out) / rundir.METRICS).read_text().splitlines()]
 
 
 def _without_timing(rows):

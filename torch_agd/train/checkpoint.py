@@ -1,33 +1,18 @@
-"""Files of a run directory, written so that a kill at any moment leaves the last good copy.
+"""checkpoint.pt: everything a run needs to continue bit for bit after its last completed epoch.
 
-Every write goes to a temporary file in the same directory, is flushed to disk, and then
-renamed over the old file (os.replace is atomic on POSIX), so a reader sees the old file or
-the new one, never half of one. checkpoint.pt holds only tensors, numbers, strings, lists
-and dicts, so ``torch.load(path, weights_only=True)`` loads it.
+It is written atomically (torch_agd.atomic), so a kill at any moment leaves the last good copy,
+and holds only tensors, numbers, strings, lists and dicts, so ``torch.load(path,
+weights_only=True)`` loads it. Its name, and the other files of a run directory, are in rundir.py.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 
 import torch
 
 from torch_agd.atomic import atomic_write_bytes
-
-CHECKPOINT = "checkpoint.pt"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def atomic_write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
-    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
 
 def rng_state() -> dict:

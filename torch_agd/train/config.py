@@ -11,7 +11,7 @@ from pathlib import Path
 from torch_agd.data import DATASETS
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS
-from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import rundir
 from torch_agd.train.loop import LOSSES
 from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS
 
@@ -93,7 +93,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
     if args.resume:
         if "out" not in given:
             raise UsageError("--resume needs --out DIR, the run directory to continue")
-        path = Path(given["out"]) / ckpt.CONFIG
+        path = Path(given["out"]) / rundir.CONFIG
         if not path.is_file():
             raise UsageError(f"nothing to resume: {path} does not exist (start the run without --resume)")
         saved = json.loads(path.read_text())

@@ -23,6 +23,7 @@ from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import rundir
 from torch_agd.train.config import add_arguments, check_split, default_out, resolve_config
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
@@ -43,7 +44,7 @@ def _git_commit() -> str | None:
 
 
 def _check_new_run_dir(out: Path) -> None:
-    if (out / ckpt.CONFIG).exists():
+    if (out / rundir.CONFIG).exists():
         raise UsageError(f"{out} already holds a run: add --resume to continue it, or choose another --out")
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
@@ -53,7 +54,7 @@ def _start_run_dir(out: Path, config: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from torch_agd import __version__
 
-    ckpt.atomic_write_json(out / ckpt.CONFIG, {**config, "version": __version__, "git_commit": _git_commit()})
+    rundir.write_json(out / rundir.CONFIG, {**config, "version": __version__, "git_commit": _git_commit()})
 
 
 # ------------------------------------------------------------------------ reporting
@@ -247,18 +248,18 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
         _start_run_dir(out, config)
     history: list[dict] = []
     start = 0
-    have_checkpoint = resuming and (out / ckpt.CHECKPOINT).exists()
+    have_checkpoint = resuming and (out / rundir.CHECKPOINT).exists()
     if env.broadcast_object(have_checkpoint) != have_checkpoint:  # every rank must resume from the same epoch
-        raise UsageError(f"rank {env.rank} cannot see {out / ckpt.CHECKPOINT}, which rank 0 has: "
+        raise UsageError(f"rank {env.rank} cannot see {out / rundir.CHECKPOINT}, which rank 0 has: "
                          "--out must be a directory that every machine shares")
     if have_checkpoint:
-        state = ckpt.load_checkpoint(out / ckpt.CHECKPOINT)
+        state = ckpt.load_checkpoint(out / rundir.CHECKPOINT)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         ckpt.set_rng_state(state["rng"])
         history, start = state["metrics"], state["epoch"]
         if env.is_master:  # the kill may have come between the checkpoint and the metrics file
-            ckpt.atomic_write_jsonl(out / ckpt.METRICS, history)
+            rundir.write_jsonl(out / rundir.METRICS, history)
 
     train_model = model
     if env.distributed:
@@ -305,22 +306,22 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
             skipped_before += row["skipped_steps"] or 0
             history.append(row)
             if env.is_master:  # checkpoint first: metrics.jsonl is rebuilt from it on resume
-                ckpt.save_checkpoint(out / ckpt.CHECKPOINT, model=model, optimizer=optimizer,
+                ckpt.save_checkpoint(out / rundir.CHECKPOINT, model=model, optimizer=optimizer,
                                      epoch=epoch + 1, metrics=history)
-                ckpt.atomic_write_jsonl(out / ckpt.METRICS, history)
+                rundir.write_jsonl(out / rundir.METRICS, history)
             reporter.line(_epoch_line(row, epochs))
             reporter.epoch_done()
     except KeyboardInterrupt:
         reporter.close()
         if env.is_master:
-            print(f"\ninterrupted in epoch {epoch + 1}; {out / ckpt.CHECKPOINT} holds the last completed "
+            print(f"\ninterrupted in epoch {epoch + 1}; {out / rundir.CHECKPOINT} holds the last completed "
                   f"epoch ({len(history)}): continue with  agd train --out {out} --resume", file=sys.stderr)
         return 130
     reporter.close()
 
     summary = _summary(history, out)
     if env.is_master:
-        ckpt.atomic_write_json(out / ckpt.SUMMARY, summary)  # last: marks the run finished
+        rundir.write_json(out / rundir.SUMMARY, summary)  # last: marks the run finished
     reporter.line(f"done: {summary['epochs']} epochs, test accuracy {100 * summary['test_acc']:.2f}% "
                   f"(best {100 * summary['best_test_acc']:.2f}% at epoch {summary['best_epoch']}), "
                   f"{summary['train_seconds']:.1f}s; run directory {out}")

@@ -1,0 +1,49 @@
+"""The files of a run directory, by name, and the one way they are written and read.
+
+A run directory is what ``agd train --out DIR`` leaves (docs/architecture.md): config.json,
+metrics.jsonl (one JSON object per epoch), checkpoint.pt and, once every epoch finished,
+summary.json. The trainer writes them, sweeps and the results page read them; all take the
+names and the JSON format from here. Every write is atomic (torch_agd.atomic), so a reader, or
+a run killed at any moment, sees the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from torch_agd.atomic import atomic_write_bytes
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+
+
+def write_json(path: str | os.PathLike, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    atomic_write_bytes(path, "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    """The object in ``path``; {} if it is missing or not JSON (a run that never got that far)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """One object per line. A line that is not JSON is skipped: files written before every write
+    was atomic could end in a torn line, and the lines before it are still good."""
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
