@@ -1,5 +1,19 @@
 import sys
 from pathlib import Path
 
-# Test helpers (agd_reference, fakedata) live beside the tests.
+import pytest
+import torch
+
+# Test helpers (agd_reference, fakedata, helpers) live beside the tests.
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's in-process training: small models step fastest on one
+    thread, each torchrun worker gets one (OMP_NUM_THREADS=1), and on a busy machine more threads
+    than free cores make PyTorch's CPU kernels many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

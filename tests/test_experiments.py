@@ -1,26 +1,22 @@
-"""Experiments: peers, sweep grids and restart logic, figures, the results page.
+"""Experiments: sweep grids and restart logic, figures, the results page.
 
 Sweeps are driven by a fake trainer (an injected runner) that writes run directories the way
-docs/architecture.md says `agd train` does, so nothing here trains a real network except the
-peer tests, which step a tiny model.
+docs/architecture.md says `agd train` does, so nothing here trains a network.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import json
 import math
 import struct
 from pathlib import Path
 
 import pytest
-import torch
 
 from torch_agd.errors import UsageError
 from torch_agd.experiments import plot, results, sweep
-from torch_agd.experiments.peers import PEER_CLASSES, PEERS, build_peer
+from torch_agd.train.optimizers import PEERS
 
 
 # --- a fake trainer ------------------------------------------------------------------------
@@ -413,76 +409,6 @@ def test_results_page_without_runs_is_an_error(tmp_path, capsys):
     assert results.main([str(tmp_path), "--out", str(tmp_path / "r.md")]) == 2
     assert "run the sweeps first" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
-
-
-# --- peers ---------------------------------------------------------------------------------
-
-def _have(module):
-    try:
-        importlib.import_module(module)
-        return True
-    except ImportError:
-        return False
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models step fastest on one thread, and this machine's cores are shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.mark.parametrize("name", sorted(PEERS))
-def test_peer_steps_a_small_model_and_lowers_the_loss(name, one_thread):
-    module, cls_name, default_lr = PEER_CLASSES[name]
-    if not _have(module):
-        pytest.skip(f'{module} is not installed (pip install "torch-agd[peers]")')
-    cls = getattr(importlib.import_module(module), cls_name)
-    # "published defaults": our default lr is the package's own constructor default
-    assert inspect.signature(cls).parameters["lr"].default == default_lr
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    x = torch.randn(64, 8)
-    y = x[:, :1] * 2 - x[:, 1:2]
-    opt = build_peer(name, model.parameters())
-    assert isinstance(opt, cls)
-
-    def loss():
-        return torch.nn.functional.mse_loss(model(x), y)
-
-    if hasattr(opt, "eval"):
-        opt.eval()  # Schedule-Free: evaluate at the averaged weights
-    with torch.no_grad():
-        before = loss().item()
-    for _ in range(100):
-        if hasattr(opt, "train"):
-            opt.train()
-        opt.zero_grad()
-        loss().backward()
-        opt.step()
-    if hasattr(opt, "eval"):
-        opt.eval()
-    with torch.no_grad():
-        after = loss().item()
-    assert after < 0.5 * before, (name, before, after)
-
-
-def test_peer_errors_are_one_line_usage_errors(monkeypatch):
-    with pytest.raises(UsageError, match="unknown peer optimizer 'adamw'"):
-        build_peer("adamw", [torch.zeros(2, 2, requires_grad=True)])
-    real_import = importlib.import_module
-
-    def no_prodigy(name, *a):
-        if name == "prodigyopt":
-            raise ModuleNotFoundError("No module named 'prodigyopt'", name="prodigyopt")
-        return real_import(name, *a)
-
-    monkeypatch.setattr(importlib, "import_module", no_prodigy)
-    with pytest.raises(UsageError, match=r'pip install "torch-agd\[peers\]"') as err:
-        build_peer("prodigy", [torch.zeros(2, 2, requires_grad=True)])
-    assert "\n" not in str(err.value)
 
 
 def test_peers_sweep_is_drawn_as_final_accuracies_not_an_lr_curve(tmp_path):

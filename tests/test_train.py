@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import math
 import os
@@ -26,7 +28,7 @@ from torch_agd.train import config as train_config
 from torch_agd.train import run as run_module
 from torch_agd.train.dist import DistEnv
 from torch_agd.train.loop import LOSSES, evaluate, mse_loss, train_epoch
-from torch_agd.train.optimizers import build_optimizer
+from torch_agd.train.optimizers import PEER_CLASSES, PEERS, PIP_HINT, build_optimizer, build_peer
 
 REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -84,17 +86,65 @@ def test_optimizer_usage_errors():
         build_optimizer("agd", _fcn(), lr=0.1)
     with pytest.raises(UsageError, match="choose one of"):
         build_optimizer("lion", _fcn())
-    with pytest.raises(UsageError, match="positive"):
-        build_optimizer("adam", _fcn(), lr=-1.0)
+    with pytest.raises(UsageError, match="unknown peer optimizer 'adamw'"):
+        build_peer("adamw", _fcn().parameters())
 
 
-def test_peer_optimizer_builds_or_names_the_pip_extra():
+@pytest.mark.parametrize("name", ["adam", "sgd", *PEERS])
+@pytest.mark.parametrize("lr", [0.0, -1.0, math.inf, math.nan])
+def test_every_optimizer_refuses_an_lr_that_is_not_positive_and_finite(name, lr):
+    with pytest.raises(UsageError) as err:
+        build_optimizer(name, _fcn(), lr=lr)
+    assert str(err.value).startswith(f"--lr must be positive and finite, got {lr}")
+
+
+def _peer_class(name):
+    module, cls_name, _ = PEER_CLASSES[name]
     try:
-        opt = build_optimizer("prodigy", _fcn())
-    except UsageError as exc:
-        assert 'pip install "torch-agd[peers]"' in str(exc)
-    else:
-        assert type(opt).__name__ == "Prodigy"
+        return getattr(importlib.import_module(module), cls_name)
+    except ImportError:
+        pytest.skip(f'{module} is not installed ({PIP_HINT})')
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_each_peer_is_built_at_its_published_defaults_and_trains(name, one_thread):
+    cls, default_lr = _peer_class(name), PEER_CLASSES[name][2]
+    # "published defaults": our default lr is the package's own constructor default
+    assert inspect.signature(cls).parameters["lr"].default == default_lr
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    x = torch.randn(64, 8)
+    y = x[:, :1] * 2 - x[:, 1:2]
+    opt = build_optimizer(name, model)  # what --optimizer NAME builds
+    assert type(opt) is cls and opt.param_groups[0]["lr"] == default_lr
+
+    def loss():
+        return torch.nn.functional.mse_loss(model(x), y)
+
+    if hasattr(opt, "eval"):
+        opt.eval()  # Schedule-Free: evaluate at the averaged weights
+    with torch.no_grad():
+        before = loss().item()
+    for _ in range(100):
+        if hasattr(opt, "train"):
+            opt.train()
+        opt.zero_grad()
+        loss().backward()
+        opt.step()
+    if hasattr(opt, "eval"):
+        opt.eval()
+    with torch.no_grad():
+        after = loss().item()
+    assert after < 0.5 * before, (name, before, after)
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_a_missing_peer_package_is_a_one_line_error_naming_the_extra(name, monkeypatch):
+    module = PEER_CLASSES[name][0]
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed: importing it fails
+    with pytest.raises(UsageError) as err:
+        build_optimizer(name, _fcn())
+    assert str(err.value) == f"optimizer '{name}' needs the {module} package ({module} is missing): {PIP_HINT}"
 
 
 # ------------------------------------------------------------------ one epoch

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
 from torch_agd.experiments import results
-from torch_agd.experiments.peers import PEERS
+from torch_agd.train.optimizers import PEERS
 
 LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 

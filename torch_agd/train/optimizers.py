@@ -1,24 +1,98 @@
-"""``--optimizer NAME`` -> a torch.optim.Optimizer for a model.
+"""``--optimizer NAME`` -> a torch.optim.Optimizer for a model: AGD, its baselines and its peers.
 
 AGD comes with its own initialisation (orthogonal, scaled by s(W)), applied here before the
-optimizer is built; the baselines keep PyTorch's default initialisation, as in the paper.
-The learning-rate-free peers live in torch_agd.experiments.peers (an optional extra).
+optimizer is built; the baselines Adam and SGD keep PyTorch's default initialisation, as in the
+paper.
+
+The learning-rate-free peers that users compare AGD with run at their published defaults:
+``lr=None`` keeps the package's own default, which for Prodigy, D-Adaptation and DoG is a
+multiplier of 1.0 on the step size they estimate and for Schedule-Free AdamW a base learning rate
+of 0.0025. Nothing else is changed, so a comparison measures each method as its authors ship it.
+The packages are an optional extra (``pip install "torch-agd[peers]"``), imported only when a peer
+is built; a missing one is a one-line UsageError naming that command.
+
+Schedule-Free AdamW keeps two sequences of weights and must be told which one the model holds:
+``optimizer.train()`` before training steps and ``optimizer.eval()`` before evaluation or saving.
+The trainer calls those methods whenever the optimizer has them (see docs/architecture.md).
+
+DoG's authors recommend evaluating an averaged copy of the weights (their
+PolynomialDecayAverager); the trainer evaluates the raw weights for every optimizer alike, so DoG is
+compared here without averaging, which is how ``DoG(params)`` behaves on its own.
 """
 
 from __future__ import annotations
 
+import importlib
+import math
+from typing import Callable, Iterable
+
 import torch
 from torch import nn
+from torch.optim import Optimizer
 
 from torch_agd.errors import UsageError
-from torch_agd.experiments.peers import PEERS, build_peer  # names only: the packages load on use
 
-OPTIMIZERS = ("agd", "adam", "sgd", *PEERS)
+PIP_HINT = 'pip install "torch-agd[peers]"'
+
 # The paper's baselines at PyTorch's usual defaults (SGD has none; 0.1 is the paper's).
 DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
 
+# Peer name -> (module, class, default lr). The default lr is the package's own constructor
+# default (a test checks that), so "published defaults" stays true if a package changes it.
+PEER_CLASSES: dict[str, tuple[str, str, float]] = {
+    "prodigy": ("prodigyopt", "Prodigy", 1.0),
+    "dadapt-adam": ("dadaptation", "DAdaptAdam", 1.0),
+    "dog": ("dog", "DoG", 1.0),
+    "schedulefree": ("schedulefree", "AdamWScheduleFree", 0.0025),
+}
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0) -> torch.optim.Optimizer:
+Builder = Callable[..., Optimizer]
+
+
+def check_lr(name: str, lr: float | None) -> None:
+    """The one rule for a given learning rate, whatever the optimizer: positive and finite."""
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise UsageError(f"--lr must be positive and finite, got {lr}; omit it for {name}'s default")
+
+
+def _load(name: str, module: str, cls: str):
+    """Import ``module.cls`` or explain, in one line, how to get it."""
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise UsageError(
+            f"optimizer '{name}' needs the {module} package ({exc.name or module} is missing): "
+            f"{PIP_HINT}"
+        ) from None
+
+
+def _peer(name: str, module: str, cls: str, default_lr: float) -> Builder:
+    def build(params: Iterable, lr: float | None = None) -> Optimizer:
+        check_lr(name, lr)
+        return _load(name, module, cls)(params, lr=default_lr if lr is None else lr)
+
+    build.__name__ = f"build_{name.replace('-', '_')}"
+    build.__doc__ = f"{module}.{cls}(params, lr={default_lr} unless given): published defaults."
+    return build
+
+
+# Peer name -> builder(params, lr=None). Only names: each package loads when its peer is built.
+PEERS: dict[str, Builder] = {name: _peer(name, *spec) for name, spec in PEER_CLASSES.items()}
+OPTIMIZERS = ("agd", "adam", "sgd", *PEERS)
+
+
+def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimizer:
+    """Build the peer called ``name``; an unknown name is a UsageError listing the known ones."""
+    try:
+        builder = PEERS[name]
+    except KeyError:
+        raise UsageError(
+            f"unknown peer optimizer '{name}'; choose one of {', '.join(PEERS)}"
+        ) from None
+    return builder(params, lr=lr)
+
+
+def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means the default.
 
     For "agd" this re-initialises ``model``'s weights, so build it before loading a checkpoint
@@ -26,8 +100,6 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
     """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if lr is not None and not 0 < lr < float("inf"):
-        raise UsageError(f"--lr must be positive and finite, got {lr}")
     if name == "agd":
         if lr is not None:
             raise UsageError("--lr does not apply to --optimizer agd (AGD sets its own step size); use --gain")
@@ -35,6 +107,7 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
 
         init_weights_(model)
         return AGD(model, gain=gain)
+    check_lr(name, lr)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["adam"] if lr is None else lr)
     if name == "sgd":
