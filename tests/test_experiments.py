@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from torch_agd.errors import UsageError
-from torch_agd.experiments import plot, results, sweep
+from torch_agd.experiments import plot, results, runs as rundirs, sweep
 from torch_agd.train.optimizers import PEERS
 
 
@@ -257,7 +257,7 @@ def _synthetic_sweep(root: Path, name: str, seeds=3) -> list:
 
 def test_plot_draws_one_line_per_group_and_an_eta_band(tmp_path):
     specs = _synthetic_sweep(tmp_path, "lr", seeds=3)
-    runs = results.find_runs([tmp_path / "lr"])
+    runs = rundirs.find_runs([tmp_path / "lr"])
     fig = plot.make_figure(runs)
     axes = fig.axes
     groups = {s.group for s in specs}
@@ -279,7 +279,7 @@ def sweep_panel_is(ax, xscale, xlabel):
 
 def test_plot_shape_sweep_has_a_depth_by_width_heatmap(tmp_path):
     _synthetic_sweep(tmp_path, "shape", seeds=1)
-    runs = results.find_runs([tmp_path / "shape"])
+    runs = rundirs.find_runs([tmp_path / "shape"])
     assert plot.sweep_kind(runs) == "shape"
     fig = plot.make_figure(runs)
     heat = fig.axes[5]
@@ -293,7 +293,7 @@ def test_plot_shape_sweep_has_a_depth_by_width_heatmap(tmp_path):
 
 def test_plot_batch_sweep_is_accuracy_against_batch_size(tmp_path, capsys):
     _synthetic_sweep(tmp_path, "batch", seeds=2)
-    runs = results.find_runs([tmp_path / "batch"])
+    runs = rundirs.find_runs([tmp_path / "batch"])
     assert plot.sweep_kind(runs) == "batch"
     ax = plot.make_figure(runs).axes[5]
     assert ax.get_xscale() == "log" and ax.get_xlabel() == "batch size"
@@ -309,7 +309,7 @@ def test_plot_batch_sweep_is_accuracy_against_batch_size(tmp_path, capsys):
 def test_plot_overlays_several_run_dirs(tmp_path):
     write_run(tmp_path / "a", {"optimizer": "agd", "seed": 0}, 4, 0.8)
     write_run(tmp_path / "b", {"optimizer": "adam", "lr": 1e-3, "seed": 0}, 2, 0.7, eta=False)
-    runs = results.find_runs([tmp_path / "a", tmp_path / "b"])
+    runs = rundirs.find_runs([tmp_path / "a", tmp_path / "b"])
     fig = plot.make_figure(runs)
     lines = fig.axes[4].get_lines()  # test accuracy
     assert [len(line.get_xdata()) for line in lines] == [4, 2]
@@ -335,7 +335,7 @@ def test_summary_table_gives_mean_and_spread_over_seeds(tmp_path):
     for seed, acc in enumerate([0.80, 0.84, 0.82]):
         write_run(tmp_path / f"agd-s{seed}", {"optimizer": "agd", "seed": seed}, 2, acc)
     write_run(tmp_path / "sgd-s0", {"optimizer": "sgd", "seed": 0}, 2, 0.5, finished=False)
-    table = sweep.summary_table(results.find_runs([tmp_path]))
+    table = sweep.summary_table(rundirs.find_runs([tmp_path]))
     rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
     assert "| 3/3 | 82.0 ± 2.0 | 80.0–84.0 |" in rows["agd"]
     assert "| 0/1 | 50.0 |" in rows["sgd"]
@@ -345,10 +345,10 @@ def test_a_torn_metrics_line_and_a_diverged_run_are_handled(tmp_path):
     write_run(tmp_path / "r", {"optimizer": "sgd"}, 2, 0.5, finished=False)
     with open(tmp_path / "r" / "metrics.jsonl", "a") as f:
         f.write('{"epoch": 3, "test_a')  # killed mid-write
-    run = results.load_run(tmp_path / "r")
+    run = rundirs.load_run(tmp_path / "r")
     assert len(run.metrics) == 2 and not run.finished
-    assert results.stat([math.nan, math.nan]).fmt() == "diverged"
-    assert results.stat([1.0, math.nan, 3.0]).n == 2
+    assert rundirs.stat([math.nan, math.nan]).fmt() == "diverged"
+    assert rundirs.stat([1.0, math.nan, 3.0]).n == 2
 
 
 def test_results_page_renders_every_grid_with_figures(tmp_path):
@@ -398,11 +398,25 @@ def write_pinned_runs(root: Path) -> None:
 PINNED_PAGE = Path(__file__).parent / "data" / "results_page.md"
 
 
-def test_results_page_of_a_pinned_sweep_is_unchanged(tmp_path, monkeypatch):
-    write_pinned_runs(tmp_path / "runs")
-    monkeypatch.chdir(tmp_path)  # relative paths, as scripts/make_results.sh gives them
-    page = results.render_page(Path("runs"), Path("docs/results.md"), Path("docs/figures"))
+def test_results_page_of_a_pinned_sweep_is_unchanged(tmp_path):
+    write_pinned_runs(tmp_path)
+    grids = results.read_grids(tmp_path)
+    page = results.render_markdown(Path("runs"), grids, {g: f"figures/{g}.png" for g in grids})
     assert page == PINNED_PAGE.read_text()  # regenerate only for a change meant to show on the page
+
+
+def test_where_agd_loses_lists_the_findings_the_sections_state(tmp_path):
+    write_pinned_runs(tmp_path)
+    sections = {g: results.RENDERERS[g](runs) for g, runs in results.read_grids(tmp_path).items()}
+    worse = [(g, f.text) for g, section in sections.items() for f in section.findings if f.worse]
+    assert [g for g, _ in worse] == ["lr", "lr", "shape", "batch", "peers", "peers"]
+    assert worse[2][1] == "AGD did not train (test accuracy under twice chance) at: depth 16 width 32"
+    peers = [f.text for f in sections["peers"].findings]
+    assert peers[2:] == ["AGD ties with dadapt-adam (test accuracy 80.5%)",
+                         "AGD beats dog by 5.0 points of test accuracy (beyond the seed spread)",
+                         "AGD vs schedulefree: not comparable (a run diverged)"]
+    for section in sections.values():  # each finding is in its section's text, bold where worse
+        assert all(f.markdown in section.text for f in section.findings)
 
 
 def test_results_page_without_runs_is_an_error(tmp_path, capsys):
@@ -414,7 +428,7 @@ def test_results_page_without_runs_is_an_error(tmp_path, capsys):
 def test_peers_sweep_is_drawn_as_final_accuracies_not_an_lr_curve(tmp_path):
     specs = _synthetic_sweep(tmp_path, "peers", seeds=1)
     (tmp_path / "peers" / "sweep.json").write_text(json.dumps({"grid": "peers", "runs": {}}))
-    runs = results.find_runs([tmp_path / "peers"])
+    runs = rundirs.find_runs([tmp_path / "peers"])
     assert plot.sweep_kind(runs) == "final"
     fig = plot.make_figure(runs)
     assert len(fig.axes[5].patches) == len(specs)  # one bar per optimizer / Adam lr
@@ -430,7 +444,7 @@ def test_a_diverging_run_does_not_flatten_the_loss_axes(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "adam-s0" / "metrics.jsonl").read_text().splitlines()]
     rows[0]["train_loss"] = 1e11
     (tmp_path / "adam-s0" / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    ax = plot.make_figure(results.find_runs([tmp_path])).axes[1]
+    ax = plot.make_figure(rundirs.find_runs([tmp_path])).axes[1]
     assert ax.get_ylim()[1] < 100
     assert any("capped" in t.get_text() for t in ax.texts)
 

@@ -17,7 +17,6 @@ no display needed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 from pathlib import Path
@@ -25,9 +24,8 @@ from typing import Sequence
 
 from torch_agd.atomic import atomic_file
 from torch_agd.errors import UsageError
-from torch_agd.experiments.results import (
-    Run, find_runs, final_stat, group_runs, stat,
-)
+from torch_agd.experiments.runs import SWEEP_MANIFEST, Run, final_stat, find_runs, group_runs, stat
+from torch_agd.train import rundir
 
 CURVES = (  # (metrics key, axis label, log scale, shown in percent)
     ("train_loss", "train loss", True, False),
@@ -269,13 +267,9 @@ def save_figure(fig, path: Path, dpi: int = 72) -> Path:
 
 def _recorded_kind(dirs: Sequence[Path]) -> str | None:
     """The panel for one sweep directory, from the grid its sweep.json records."""
-    if len(dirs) != 1 or not (dirs[0] / "sweep.json").exists():
+    if len(dirs) != 1:
         return None
-    try:
-        grid = json.loads((dirs[0] / "sweep.json").read_text()).get("grid")
-    except ValueError:
-        return None
-    return GRID_KINDS.get(grid)
+    return GRID_KINDS.get(rundir.read_json(dirs[0] / SWEEP_MANIFEST).get("grid"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@ left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's
 second sweep with other settings into the same directory is refused instead of silently mixed.
 
 Grids (``--scale paper``: the paper's settings on CIFAR-10; ``--scale small``: Fashion-MNIST,
-small FCNs, a few epochs on a training subset, sized to finish on a 2-core CPU in minutes):
+small FCNs, a few epochs, sized to finish on a 2-core CPU in minutes):
 - lr:    Adam and SGD over lr in {1e-5, ..., 1e-1} beside AGD on one FCN (paper fig. 2);
 - shape: FCN width x depth under AGD (fig. 3);
 - batch: AGD on a 4-layer FCN over batch sizes 32 ... 4096 (fig. 4);
@@ -18,7 +18,6 @@ small FCNs, a few epochs on a training subset, sized to finish on a 2-core CPU i
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -29,9 +28,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
 
-from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
-from torch_agd.experiments import results
+from torch_agd.experiments.runs import (
+    SWEEP_MANIFEST, Run, final_stat, group_runs, has_metrics, load_run, markdown_table, run_name,
+)
+from torch_agd.train import rundir
 from torch_agd.train.optimizers import PEERS
 
 LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -43,7 +44,6 @@ class Scale:
 
     dataset: str
     epochs: int | None  # None: the trainer's default (the published 200)
-    train_subset: int | None  # None: the whole training set
     fcn: tuple[int, int]  # (depth, width) of the FCN in the lr and peers grids
     shape_depths: tuple[int, ...]
     shape_widths: tuple[int, ...]
@@ -54,11 +54,11 @@ class Scale:
 
 
 SCALES = {
-    # The paper's settings (AGD-SPEC.md): FCN depth 8 width 256 for the lr sweep, width 64..2048
+    # The paper's settings: FCN depth 8 width 256 for the lr sweep (fig. 2), width 64..2048
     # x depth 2..32 for the shape sweep, a 4-layer FCN over batch 32..4096, and the depth-16
     # width-512 FCN of the published CIFAR-10 table for the peers.
     "paper": Scale(
-        dataset="cifar10", epochs=None, train_subset=None, fcn=(8, 256),
+        dataset="cifar10", epochs=None, fcn=(8, 256),
         shape_depths=(2, 4, 8, 16, 32), shape_widths=(64, 128, 256, 512, 1024, 2048),
         batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 256), peer_adam_lrs=LRS,
     ),
@@ -66,7 +66,7 @@ SCALES = {
     # run, on the whole 60k-image training set: `agd train` has no subset flag, and a run's
     # start-up (torch import, data load: ~4 s of CPU) already costs about one epoch of these FCNs.
     "small": Scale(
-        dataset="fashion-mnist", epochs=3, train_subset=None, fcn=(8, 128),
+        dataset="fashion-mnist", epochs=3, fcn=(8, 128),
         shape_depths=(2, 4, 8, 16), shape_widths=(32, 64, 128),
         batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
     ),
@@ -96,9 +96,7 @@ def _spec(group: str, seed: int, s: Scale, dataset: str, *, optimizer: str, dept
         argv += ["--lr", f"{lr:g}"]
     if s.epochs is not None:
         argv += ["--epochs", str(s.epochs)]
-    if s.train_subset is not None:
-        argv += ["--train-subset", str(s.train_subset)]
-    return RunSpec(f"{group}-s{seed}", group, seed, tuple(argv))
+    return RunSpec(run_name(group, seed), group, seed, tuple(argv))
 
 
 def _lr_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
@@ -182,22 +180,21 @@ class SubprocessRunner:
 def run_state(run_dir: Path) -> str:
     """'done' (summary.json and metrics.jsonl), 'resume' (a checkpoint, but no summary or no
     metrics: the trainer rebuilds both from the checkpoint) or 'new'."""
-    if (run_dir / "summary.json").exists() and (run_dir / "metrics.jsonl").exists():
+    if (run_dir / rundir.SUMMARY).exists() and has_metrics(run_dir):
         return "done"
-    if (run_dir / "checkpoint.pt").exists():
+    if (run_dir / rundir.CHECKPOINT).exists():
         return "resume"
     return "new"
 
 
 def _check_manifest(sweep_dir: Path, name: str, scale: str, specs: Sequence[RunSpec]) -> dict:
     """Merge this sweep's runs into sweep.json; refuse a run whose flags changed."""
-    path = sweep_dir / "sweep.json"
+    path = sweep_dir / SWEEP_MANIFEST
     manifest = {"grid": name, "scale": scale, "runs": {}}
     if path.exists():
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError:
-            raise UsageError(f"{path} is not valid JSON; delete it to start the sweep afresh") from None
+        manifest = rundir.read_json(path)
+        if not manifest:
+            raise UsageError(f"{path} is not valid JSON; delete it to start the sweep afresh")
     if manifest.get("grid") != name:
         raise UsageError(f"{sweep_dir} holds sweep '{manifest.get('grid')}', not '{name}'; "
                          f"choose another --root")
@@ -222,7 +219,7 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
     """Run what is left of ``specs`` into root/name/; ``jobs`` runs at a time."""
     sweep_dir = Path(root) / name
     manifest = _check_manifest(sweep_dir, name, scale, specs)
-    atomic_write_text(sweep_dir / "sweep.json", json.dumps(manifest, indent=1) + "\n")
+    rundir.write_json(sweep_dir / SWEEP_MANIFEST, manifest)
     outcome = SweepOutcome([], [], [])
     todo = []
     for spec in specs:
@@ -260,15 +257,15 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
     return outcome
 
 
-def summary_table(runs: Sequence[results.Run]) -> str:
+def summary_table(runs: Sequence[Run]) -> str:
     """One row per group: seeds, final test accuracy and train loss (mean ± sd, min–max)."""
     rows = []
-    for group, members in results.group_runs(runs).items():
-        acc, loss = results.final_stat(members, "test_acc"), results.final_stat(members, "train_loss")
+    for group, members in group_runs(runs).items():
+        acc, loss = final_stat(members, "test_acc"), final_stat(members, "train_loss")
         done = sum(run.finished for run in members)
         rows.append([group, f"{done}/{len(members)}", acc.fmt(100), acc.fmt_range(100),
                      loss.fmt(1, 4)])
-    return results.markdown_table(
+    return markdown_table(
         ["run", "finished", "test acc % (mean ± sd)", "test acc % (min–max)", "train loss"], rows
     )
 
@@ -306,8 +303,7 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
         return 0
     outcome = run_sweep(args.name, specs, args.root, runner or SubprocessRunner(args.threads),
                         scale=args.scale, jobs=args.jobs)
-    runs = [results.load_run(sweep_dir / spec.name) for spec in specs
-            if (sweep_dir / spec.name / "metrics.jsonl").exists()]
+    runs = [load_run(sweep_dir / spec.name) for spec in specs if has_metrics(sweep_dir / spec.name)]
     if runs:
         print(summary_table(runs))
     if outcome.failed:
