@@ -255,6 +255,14 @@ def _same_state(a: dict, b: dict):
     assert _equal(a["optimizer"], b["optimizer"])  # AGD: eta and step counters too
 
 
+def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_starts(fake_fashion, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_argv(fake_fashion, out, 1, "--train-bs", "256")) == 2
+    err = capsys.readouterr().err
+    assert err == "agd: error: --train_bs 256 is larger than the 192 training samples; use a smaller batch size\n"
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_run_directory_contents(fake_fashion, tmp_path, capsys):
     out = tmp_path / "run"

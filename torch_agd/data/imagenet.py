@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
-from .loader import Normalise, Split, epoch_seed, shard
+from .loader import Normalise, Split, check_workers, epoch_seed, shard
 
 ENV = "IMAGENET_PATH"
 
@@ -40,8 +40,7 @@ def load_imagenet(data_dir: Path, device, mean: tuple, std: tuple, *, workers: i
         from torchvision import datasets, transforms as T
     except ImportError:
         raise UsageError('imagenet needs torchvision: pip install "torch-agd[train]"') from None
-    if workers < 0:
-        raise UsageError(f"--workers must be 0 or more, got {workers}")
+    check_workers(workers)
     root = find_imagenet(data_dir)
     train_tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.PILToTensor()])
     test_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.PILToTensor()])
@@ -81,7 +80,7 @@ class FolderSplit(Split):
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-        local = self._check(batch_size, rank, world_size)
+        local = self.check_batch_size(batch_size, rank=rank, world_size=world_size)
         # Seeds the shuffle (one process) and the workers' augmentation draws.
         g = torch.Generator().manual_seed(epoch_seed(seed, epoch))
         common = dict(batch_size=local, num_workers=self.workers, generator=g,

@@ -29,14 +29,21 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def local_batch_size(batch_size: int, world_size: int) -> int:
-    """This rank's share of a global batch; the global batch must split evenly."""
+def local_batch_size(batch_size: int, world_size: int, *, name: str = "batch size") -> int:
+    """This rank's share of a global batch; the global batch must split evenly. The one owner of
+    these rules: the trainer checks its flags with it, ``name`` being the flag."""
     if batch_size < 1:
-        raise UsageError(f"batch size must be at least 1, got {batch_size}")
+        raise UsageError(f"{name} must be at least 1, got {batch_size}")
     if batch_size % world_size:
-        raise UsageError(f"batch size {batch_size} does not split evenly over {world_size} "
+        raise UsageError(f"{name} {batch_size} does not split evenly over {world_size} "
                          f"processes; use a multiple of {world_size}")
     return batch_size // world_size
+
+
+def check_workers(workers: int) -> None:
+    """The rule for the number of data-loading processes (the trainer's --workers)."""
+    if workers < 0:
+        raise UsageError(f"--workers must be 0 or more, got {workers}")
 
 
 def shard(n: int, rank: int, world_size: int) -> tuple[int, int]:
@@ -97,11 +104,14 @@ class Split:
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
-    def _check(self, batch_size: int, rank: int, world_size: int) -> int:
-        local = local_batch_size(batch_size, world_size)
+    def check_batch_size(self, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                         name: str = "batch size") -> int:
+        """This rank's share of ``batch_size``, or a UsageError naming ``name`` if no epoch of
+        this split can use it; batches() calls it, and the trainer before it starts a run."""
+        local = local_batch_size(batch_size, world_size, name=name)
         shard(0, rank, world_size)  # validates rank
         if self.train and batch_size > self.num_samples:
-            raise UsageError(f"batch size {batch_size} is larger than the {self.num_samples} "
+            raise UsageError(f"{name} {batch_size} is larger than the {self.num_samples} "
                              f"training samples; use a smaller batch size")
         return local
 
@@ -124,7 +134,8 @@ class TensorSplit(Split):
 
     def batches(self, batch_size: int, *, epoch: int = 0, seed: int = 0, rank: int = 0,
                 world_size: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        local = self._check(batch_size, rank, world_size)  # raises now, not at the first next()
+        # raises now, not at the first next()
+        local = self.check_batch_size(batch_size, rank=rank, world_size=world_size)
         if self.train:
             return self._train(batch_size, local, epoch, seed, rank)
         return self._test(local, *shard(self.num_samples, rank, world_size))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from torch_agd.data import DATASETS
+from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS
 from torch_agd.train import rundir
@@ -76,13 +77,12 @@ def _given(args: argparse.Namespace) -> dict:
 
 
 def _check_new(config: dict, given: dict) -> None:
-    """One-line errors for values no run can use; raised before anything is loaded."""
-    for dest in ("train_bs", "test_bs", "epochs"):
-        if config[dest] < 1:
-            raise UsageError(f"{_flag(dest)} must be at least 1, got {config[dest]}")
-    if config["workers"] < 0:
-        raise UsageError(f"--workers must be 0 or more, got {config['workers']}")
-    # --lr with agd and out-of-range values of --lr/--gain are refused by build_optimizer.
+    """One-line errors for values no run can use; raised before anything is loaded. Batch sizes
+    are checked by check_split; --lr with agd and out-of-range values of --lr/--gain are refused
+    by build_optimizer; each rule has one owner, the code that uses the value."""
+    if config["epochs"] < 1:
+        raise UsageError(f"{_flag('epochs')} must be at least 1, got {config['epochs']}")
+    check_workers(config["workers"])
     if config["optimizer"] != "agd" and "gain" in given:
         raise UsageError(f"--gain only applies to --optimizer agd; {config['optimizer']} takes --lr")
 
@@ -122,7 +122,7 @@ def default_out(config: dict) -> str:
 
 
 def check_split(config: dict, world_size: int) -> None:
-    for dest in ("train_bs", "test_bs"):  # each rank takes an equal slice of every global batch
-        if config[dest] % world_size:
-            raise UsageError(f"{_flag(dest)} {config[dest]} does not split evenly over {world_size} "
-                             f"processes; use a multiple of {world_size}")
+    """The batch sizes: at least 1, and each rank takes an equal slice of every global batch
+    (the data loader's rules, checked before joining the process group)."""
+    for dest in ("train_bs", "test_bs"):
+        local_batch_size(config[dest], world_size, name=_flag(dest))

@@ -241,9 +241,8 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     if env.local_rank != 0:
         data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
 
-    if config["train_bs"] > data.train.num_samples:
-        raise UsageError(f"--train_bs {config['train_bs']} is larger than the {data.train.num_samples} "
-                         "training samples; use a smaller batch")
+    data.train.check_batch_size(config["train_bs"], rank=env.rank, world_size=env.world_size,
+                                name="--train_bs")  # before the run directory is written
     if env.is_master and not resuming:
         _start_run_dir(out, config)
     history: list[dict] = []
