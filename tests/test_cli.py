@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import needs_fashion
 from torch_agd import cli
 from torch_agd.cli import main
 from torch_agd.train import config as run_module
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 
 
 def _parse(*argv):
@@ -105,8 +105,7 @@ def test_entry_points_print_errors_without_a_traceback(entry):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+@needs_fashion
 def test_main_py_trains_on_real_fashion_mnist(tmp_path):
     out = tmp_path / "run"
     result = _run(["main.py", "--dataset", "fashion-mnist", "--depth", "3", "--width", "32", "--epochs", "1",

@@ -15,12 +15,12 @@ import torch
 
 from fakedata import (install_fake_cifar, install_fake_idx, idx_bytes, write_cifar_tar,
                       write_imagefolder, write_mnist_idx)
+from helpers import FASHION as DEBIAN_FASHION
 from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.data import cifar, files, mnist
 from torch_agd.data.loader import TensorSplit, crop_flip
 from torch_agd.errors import UsageError
 
-DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = [mnist.TRAIN_IMAGES, mnist.TRAIN_LABELS, mnist.TEST_IMAGES, mnist.TEST_LABELS]
 
 

@@ -5,10 +5,10 @@ torchrun (`python -m torch.distributed.run`), and by hand with the OpenMPI varia
 published cluster scripts relied on. Failures are real too: SIGKILL for a dead rank or job,
 SIGSTOP for a hung rank, with AGD_DIST_TIMEOUT shortening the process-group timeout.
 
-Ranks other than 0 write nothing, so each rank shows what it holds through a test hook: with
-AGD_TEST_DUMP_DIR set, rank r saves DIR/rank{r}-epoch{e}.pt ({"model": state_dict, "test":
-this rank's [loss sum, correct, count] of that epoch's evaluation}) after every epoch e, and
-DIR/rank{r}-epoch0.pt with the weights training starts from.
+Ranks other than 0 write nothing, so the runs compared rank by rank go through
+tests/rank_probe.py, which wraps the trainer from outside: rank r saves DIR/rank{r}-epoch{e}.pt
+({"model": state_dict, "test": this rank's [loss sum, correct, count] of that epoch's
+evaluation}) after every epoch e, and DIR/rank{r}-epoch0.pt with the weights training starts from.
 """
 
 from __future__ import annotations
@@ -26,23 +26,24 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import rank_probe
+from helpers import bitwise_equal, metrics_rows, needs_fashion
 from torch_agd.cli import main
 from torch_agd.train import rundir
 from torch_agd.train.config import TIMING_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR",
                  "MASTER_PORT", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
-                 "OMPI_COMM_WORLD_LOCAL_RANK", "AGD_TEST_DUMP_DIR", "AGD_DIST_TIMEOUT")
+                 "OMPI_COMM_WORLD_LOCAL_RANK", "AGD_DIST_TIMEOUT")
 
 pytestmark = [
     pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                        reason="needs torch.distributed with gloo"),
     pytest.mark.skipif(sys.platform != "linux", reason="finds torchrun's workers through /proc"),
+    # In-process runs get one thread, like each torchrun worker (OMP_NUM_THREADS=1).
+    pytest.mark.usefixtures("one_thread"),
 ]
-needs_fashion = pytest.mark.skipif(not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-                                   reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 
 
 def end_to_end(test):
@@ -59,16 +60,6 @@ STEPS_PER_EPOCH = 60_000 // 2048
 N_TEST = 10_000
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # In-process runs get one thread, like each torchrun worker (OMP_NUM_THREADS=1): on a busy
-    # machine more threads than free cores make PyTorch's CPU kernels many times slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,10 +71,12 @@ def _env(**extra) -> dict:
     return {**env, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
 
 
-def _torchrun(*args, data_dir, **extra_env) -> subprocess.Popen:
-    """`torchrun --nproc_per_node=2 -m torch_agd train ARGS`, in its own process group."""
+def _torchrun(*args, data_dir, probe: Path | None = None, **extra_env) -> subprocess.Popen:
+    """`torchrun --nproc_per_node=2 -m torch_agd train ARGS`, in its own process group; with
+    ``probe``, through tests/rank_probe.py, which saves what each rank holds under ``probe``."""
+    entry = ["-m", "torch_agd", "train"] if probe is None else [rank_probe.__file__, str(probe)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", "-m", "torch_agd", "train", *args, "--data_dir", str(data_dir)]
+           f"--master_port={_free_port()}", *entry, *args, "--data_dir", str(data_dir)]
     return subprocess.Popen(cmd, cwd=REPO, env=_env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
 
@@ -144,17 +137,8 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / rundir.METRICS).read_text().splitlines()]
-
-
 def _dump(dump: Path, rank: int, epoch: int) -> dict:
     return torch.load(dump / f"rank{rank}-epoch{epoch}.pt", weights_only=True)
-
-
-def _bitwise_equal(a: dict, b: dict) -> bool:
-    same = lambda x, y: torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y  # noqa: E731
-    return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
 
 
 def _rel(a: float, b: float) -> float:
@@ -242,15 +226,15 @@ def test_train_bs_not_divisible_under_torchrun_is_one_line_error_at_start(tmp_pa
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):
     """The same run on 2 processes under torchrun and in one process (in this one, meanwhile)."""
     tmp = tmp_path_factory.mktemp("runs")
     two, one = tmp / "two", tmp / "one"
-    proc = _torchrun(*FLAGS, "--out", str(two), data_dir=tmp / "data", AGD_TEST_DUMP_DIR=str(tmp / "dump2"))
+    proc = _torchrun(*FLAGS, "--out", str(two), data_dir=tmp / "data", probe=tmp / "dump2")
     with pytest.MonkeyPatch.context() as mp:
         for var in LAUNCHER_VARS:
             mp.delenv(var, raising=False)
-        mp.setenv("AGD_TEST_DUMP_DIR", str(tmp / "dump1"))
+        rank_probe.install(mp.setattr, tmp / "dump1", rank=0)
         assert main(["train", *FLAGS, "--out", str(one), "--data_dir", str(tmp / "data")]) == 0
     stdout, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
@@ -260,18 +244,18 @@ def runs(tmp_path_factory):
 @end_to_end
 def test_two_ranks_hold_bitwise_identical_weights_from_start_to_end(runs):
     for epoch in range(EPOCHS + 1):
-        assert _bitwise_equal(_dump(runs["dump2"], 0, epoch)["model"], _dump(runs["dump2"], 1, epoch)["model"]), epoch
+        assert bitwise_equal(_dump(runs["dump2"], 0, epoch)["model"], _dump(runs["dump2"], 1, epoch)["model"]), epoch
     final = torch.load(runs["two"] / rundir.CHECKPOINT, weights_only=True)
     assert final["epoch"] == EPOCHS
-    assert _bitwise_equal(final["model"], _dump(runs["dump2"], 1, EPOCHS)["model"])
+    assert bitwise_equal(final["model"], _dump(runs["dump2"], 1, EPOCHS)["model"])
     # and they moved: the check above is not comparing two copies of the initial weights
-    assert not _bitwise_equal(_dump(runs["dump2"], 1, 0)["model"], _dump(runs["dump2"], 1, 1)["model"])
+    assert not bitwise_equal(_dump(runs["dump2"], 1, 0)["model"], _dump(runs["dump2"], 1, 1)["model"])
 
 
 @end_to_end
 def test_two_ranks_match_one_process_weights_eta_and_accuracy(runs):
     # Same seed, same initial weights, bit for bit: drawn once, before DDP wraps the model.
-    assert _bitwise_equal(_dump(runs["dump2"], 0, 0)["model"], _dump(runs["dump1"], 0, 0)["model"])
+    assert bitwise_equal(_dump(runs["dump2"], 0, 0)["model"], _dump(runs["dump1"], 0, 0)["model"])
     for epoch in range(1, EPOCHS + 1):
         two, one = _dump(runs["dump2"], 0, epoch)["model"], _dump(runs["dump1"], 0, epoch)["model"]
         for name in one:
@@ -282,7 +266,7 @@ def test_two_ranks_match_one_process_weights_eta_and_accuracy(runs):
     assert a["optimizer"]["agd"]["steps"].item() == b["optimizer"]["agd"]["steps"].item() == EPOCHS * STEPS_PER_EPOCH
     assert _rel(a["optimizer"]["agd"]["eta"].item(), b["optimizer"]["agd"]["eta"].item()) <= 1e-5  # the last step's
 
-    rows2, rows1 = _rows(runs["two"]), _rows(runs["one"])
+    rows2, rows1 = metrics_rows(runs["two"]), metrics_rows(runs["one"])
     assert [r["epoch"] for r in rows2] == [r["epoch"] for r in rows1] == list(range(1, EPOCHS + 1))
     for r2, r1 in zip(rows2, rows1):
         for key in ("eta_mean", "eta_min", "eta_max", "train_loss", "test_loss"):
@@ -303,7 +287,7 @@ def test_two_rank_evaluation_counts_every_test_sample_once(runs):
 
     data = load_data("fashion-mnist", runs["one"].parent / "data", "cpu")
     model = build_model("fcn", data.info, depth=3, width=32)
-    rows = _rows(runs["two"])
+    rows = metrics_rows(runs["two"])
     for epoch in range(1, EPOCHS + 1):
         # Each rank evaluated its half, partial last batch included; nothing padded or dropped.
         shares = [_dump(runs["dump2"], rank, epoch)["test"] for rank in (0, 1)]
@@ -353,10 +337,10 @@ def test_resume_after_killing_the_torchrun_group_matches_an_uninterrupted_run(ru
     a = torch.load(out / rundir.CHECKPOINT, weights_only=True)
     b = torch.load(runs["two"] / rundir.CHECKPOINT, weights_only=True)
     assert a["epoch"] == b["epoch"] == EPOCHS
-    assert _bitwise_equal(a["model"], b["model"])
-    assert _bitwise_equal(a["optimizer"]["agd"], b["optimizer"]["agd"])
+    assert bitwise_equal(a["model"], b["model"])
+    assert bitwise_equal(a["optimizer"]["agd"], b["optimizer"]["agd"])
     untimed = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
-    assert untimed(_rows(out)) == untimed(_rows(runs["two"]))
+    assert untimed(metrics_rows(out)) == untimed(metrics_rows(runs["two"]))
 
 
 @end_to_end

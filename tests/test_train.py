@@ -18,12 +18,12 @@ import torch
 import torch.nn.functional as F
 
 from fakedata import install_fake_idx
+from helpers import bitwise_equal, metrics_rows, needs_fashion
 from torch_agd import AGD, UsageError
 from torch_agd.cli import main
 from torch_agd.data import DATASETS
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
-from torch_agd.train import rundir
 from torch_agd.train import config as train_config
 from torch_agd.train import run as run_module
 from torch_agd.train.dist import DistEnv
@@ -31,10 +31,6 @@ from torch_agd.train.loop import LOSSES, evaluate, mse_loss, train_epoch
 from torch_agd.train.optimizers import PEER_CLASSES, PEERS, PIP_HINT, build_optimizer, build_peer
 
 REPO = Path(__file__).resolve().parents[1]
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(
-    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
-    reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "eta_mean", "eta_min",
                "eta_max", "skipped_steps", "epoch_seconds", "train_samples_per_second"}
 TIMING = set(train_config.TIMING_KEYS)
@@ -230,29 +226,14 @@ def _argv(data_dir, out, epochs=3, *extra):
             "--data-dir", str(data_dir), "--out", str(out), *extra]
 
 
-def _rows(out):
-    return [json.loads(line) for line in (Path(out) / rundir.METRICS).read_text().splitlines()]
-
-
 def _without_timing(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def _equal(a, b) -> bool:
-    """Bitwise equality of nested checkpoint contents."""
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
-    return a == b
-
-
 def _same_state(a: dict, b: dict):
     assert a["epoch"] == b["epoch"]
-    assert _equal(a["model"], b["model"])  # bitwise
-    assert _equal(a["optimizer"], b["optimizer"])  # AGD: eta and step counters too
+    assert bitwise_equal(a["model"], b["model"])
+    assert bitwise_equal(a["optimizer"], b["optimizer"])  # AGD: eta and step counters too
 
 
 def test_a_batch_larger_than_the_training_set_is_refused_before_the_run_starts(fake_fashion, tmp_path, capsys):
@@ -271,7 +252,7 @@ def test_run_directory_contents(fake_fashion, tmp_path, capsys):
     config = json.loads((out / "config.json").read_text())
     assert set(train_config.FLAGS) <= set(config) and {"version", "git_commit"} <= set(config)
     assert (config["train_bs"], config["test_bs"], config["width"], config["lr"]) == (32, 16, 16, None)
-    rows = _rows(out)
+    rows = metrics_rows(out)
     assert [r["epoch"] for r in rows] == [1, 2] and all(set(r) == METRIC_KEYS for r in rows)
     for r in rows:
         assert 0 <= r["train_acc"] <= 1 and 0 <= r["test_acc"] <= 1 and r["train_loss"] > 0
@@ -310,7 +291,7 @@ def test_default_run_directory_is_named_after_the_run(fake_fashion, tmp_path, mo
 def test_baseline_run_has_no_eta(fake_fashion, tmp_path):
     out = tmp_path / "adam"
     assert main(_argv(fake_fashion, out, 1, "--optimizer", "adam", "--lr", "0.01")) == 0
-    (row,) = _rows(out)
+    (row,) = metrics_rows(out)
     assert row["eta_mean"] is None and row["skipped_steps"] is None
     assert json.loads((out / "config.json").read_text())["lr"] == 0.01
 
@@ -337,13 +318,13 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_ru
     assert main(_argv(fake_fashion, cut, 3, "--optimizer", optimizer)) == 130
     assert "--resume" in capsys.readouterr().err
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    assert not (cut / "summary.json").exists() and len(_rows(cut)) == 1
+    assert not (cut / "summary.json").exists() and len(metrics_rows(cut)) == 1
     monkeypatch.setattr(run_module, "evaluate", real_evaluate)
     (cut / "metrics.jsonl").write_text("")  # as if killed between checkpoint.pt and metrics.jsonl
 
     assert main(["train", "--out", str(cut), "--resume"]) == 0  # everything else from config.json
     assert "resuming at epoch 2" in capsys.readouterr().out
-    assert _without_timing(_rows(cut)) == _without_timing(_rows(tmp_path / "whole"))
+    assert _without_timing(metrics_rows(cut)) == _without_timing(metrics_rows(tmp_path / "whole"))
     _same_state(torch.load(cut / "checkpoint.pt", weights_only=True),
                 torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True))
     assert (cut / "summary.json").exists()
@@ -353,7 +334,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_ru
     capsys.readouterr()
     assert main(["train", "--out", str(cut), "--resume"]) == 0  # finished: nothing left to train
     assert "already finished 3 epochs" in capsys.readouterr().out
-    assert _without_timing(_rows(cut)) == _without_timing(_rows(tmp_path / "whole"))
+    assert _without_timing(metrics_rows(cut)) == _without_timing(metrics_rows(tmp_path / "whole"))
     assert json.loads((cut / "summary.json").read_text())["epochs"] == 3
 
 
@@ -388,12 +369,12 @@ def test_amp_keeps_float32_weights_and_compile_trains_the_same_network(fake_fash
     assert main(_argv(fake_fashion, tmp_path / "amp", 1, "--amp")) == 0
     state = torch.load(tmp_path / "amp" / "checkpoint.pt", weights_only=True)
     assert all(w.dtype == torch.float32 for w in state["model"].values())
-    eager, amp = _rows(tmp_path / "eager")[0], _rows(tmp_path / "amp")[0]
+    eager, amp = metrics_rows(tmp_path / "eager")[0], metrics_rows(tmp_path / "amp")[0]
     assert amp["train_loss"] != eager["train_loss"]  # bf16 activations really were used
     assert amp["train_loss"] == pytest.approx(eager["train_loss"], rel=0.05)
 
     assert main(_argv(fake_fashion, tmp_path / "compiled", 1, "--compile")) == 0
-    compiled = _rows(tmp_path / "compiled")[0]
+    compiled = metrics_rows(tmp_path / "compiled")[0]
     assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-4)
     assert compiled["eta_mean"] == pytest.approx(eager["eta_mean"], rel=1e-4)
 
@@ -477,6 +458,6 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     assert whole.returncode == 0, err
     _same_state(torch.load(killed / "checkpoint.pt", weights_only=True),
                 torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True))
-    assert _without_timing(_rows(killed)) == _without_timing(_rows(tmp_path / "whole"))
-    assert json.loads((killed / "summary.json").read_text())["test_acc"] == _rows(killed)[-1]["test_acc"]
-    assert _rows(killed)[-1]["test_acc"] > 0.7  # real data: a small FCN learns in 3 epochs
+    assert _without_timing(metrics_rows(killed)) == _without_timing(metrics_rows(tmp_path / "whole"))
+    assert json.loads((killed / "summary.json").read_text())["test_acc"] == metrics_rows(killed)[-1]["test_acc"]
+    assert metrics_rows(killed)[-1]["test_acc"] > 0.7  # real data: a small FCN learns in 3 epochs

@@ -163,17 +163,6 @@ def _switch(optimizer, mode: str) -> None:
         getattr(optimizer, mode)()
 
 
-def _test_dump(env: DistEnv, epoch: int, model, test=None) -> None:
-    """For tests only (docs/distributed.md): with $AGD_TEST_DUMP_DIR set, every rank saves the
-    weights it holds after ``epoch`` and its own share of that epoch's evaluation totals, so a
-    test can compare ranks that otherwise write nothing."""
-    where = os.environ.get("AGD_TEST_DUMP_DIR")
-    if where:
-        Path(where).mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "test": None if test is None else test.tolist()},
-                   Path(where) / f"rank{env.rank}-epoch{epoch}.pt")
-
-
 # How long a rank other than 0 waits, after a mistake in the flags, before it exits.
 QUIET_RANK_WAIT_S = 10.0
 
@@ -269,7 +258,6 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
         train_model = torch.compile(train_model)
     # Evaluation runs without DDP: ranks may hold different numbers of test batches.
     eval_model = train_model if not env.distributed else (torch.compile(model) if config["compile"] else model)
-    _test_dump(env, start, model)
 
     loss_fn = LOSSES[config["loss"]]
     epochs = config["epochs"]
@@ -299,7 +287,6 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
             env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
             test = evaluate(eval_model, data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size),
                             loss_fn=loss_fn, device=env.device, amp=config["amp"])
-            _test_dump(env, epoch + 1, model, test)  # this rank's share, before the sum over ranks
             test = env.all_reduce_sum(test).tolist()
             row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
             skipped_before += row["skipped_steps"] or 0
