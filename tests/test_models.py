@@ -92,16 +92,45 @@ def test_imagenet_resnet50_has_torchvisions_layout():
     assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2)
 
 
-def test_preact_block_order_and_shortcuts():
-    model = _build("resnet18", "cifar10")
+def _published_order(convs_per_block: int, blocks_per_stage: tuple) -> list[str]:
+    """Weight names of a CIFAR pre-activation ResNet in the published registration order: stem,
+    then per block conv1.. and the 1x1 shortcut (first block of every stage but the first, and
+    every block's first only), then the head."""
+    names = ["conv1.weight"]
+    for stage, blocks in enumerate(blocks_per_stage, 1):
+        for j in range(blocks):
+            names += [f"layer{stage}.{j}.conv{k}.weight" for k in range(1, convs_per_block + 1)]
+            if j == 0 and (stage > 1 or convs_per_block == 3):  # a bottleneck widens stage 1 too
+                names.append(f"layer{stage}.{j}.shortcut.weight")
+    return names + ["linear.weight"]
+
+
+@pytest.mark.parametrize("arch, convs, blocks", [("resnet18", 2, (2, 2, 2, 2)), ("resnet50", 3, (3, 4, 6, 3))])
+def test_preact_weights_are_registered_in_the_published_order(arch, convs, blocks):
+    # Registration order is the order init_weights_ draws each weight from the seed in, and the
+    # order of parameters() and of state_dict keys: another order would give other initial weights.
+    model = _build(arch, "cifar10")
+    assert [name for name, _ in model.named_parameters()] == _published_order(convs, blocks)
+    block = model.layer2[0]  # within a block, each BN comes before the conv it feeds
+    expected = ["bn1", "conv1", "bn2", "conv2"] + (["bn3", "conv3"] if convs == 3 else []) + ["shortcut"]
+    assert [name for name, _ in block.named_children()] == expected
+
+
+def test_preact_blocks_add_the_input_or_a_1x1_conv_of_the_activated_input():
+    model = _build("resnet18", "cifar10").eval()
     shortcuts = [n for n, m in model.named_modules() if n.endswith("shortcut") and m is not None]
     assert shortcuts == ["layer2.0.shortcut", "layer3.0.shortcut", "layer4.0.shortcut"]
     # Pre-activation: a block with an identity shortcut adds its input unchanged to the branch.
-    block = model.layer1[0].eval()
+    block = model.layer1[0]
     x = torch.randn(2, 64, 8, 8)
     with torch.no_grad():
         branch = block.conv2(block.bn2(block.conv1(block.bn1(x).relu())).relu())
         torch.testing.assert_close(block(x), branch + x)
+        # ...and a block that changes the shape adds the 1x1 conv of the same activated input.
+        block = model.layer2[0]
+        out = block.bn1(x).relu()
+        branch = block.conv2(block.bn2(block.conv1(out)).relu())
+        torch.testing.assert_close(block(x), branch + block.shortcut(out))
 
 
 @pytest.mark.parametrize("arch, dataset", [
