@@ -5,8 +5,8 @@
 
 Shapes: the CIFAR-10 PreAct-ResNet-18 (21 weight tensors, 11.2M parameters) and a 16-layer,
 512-wide FCN on CIFAR inputs. Every optimizer is timed on its own copy of the same tensors and
-gradients, interleaved round by round, so machine noise hits all of them alike. Targets
-(issue 2): AGD <= 2.5x SGD on the CPU, <= 1.5x SGD on a GPU with no device-to-host sync.
+gradients, interleaved round by round, so machine noise hits all of them alike. Targets:
+AGD <= 2.5x SGD on the CPU, <= 1.5x SGD on a GPU with no device-to-host sync.
 With --compile, every optimizer's step also runs under torch.compile(mode=MODE) and the compiled
 steps are compared with each other: on a GPU that fuses each optimizer's elementwise work into a
 few kernels, and MODE=reduce-overhead replays them as one CUDA graph, the form in which a step
@@ -50,9 +50,9 @@ def make(shapes, device, seed=0):
 
 
 class PublishedStyleAGD(torch.optim.Optimizer):
-    """The same AGD step built the way the published code is (as ../shared/AGD-SPEC.md describes
-    it): a Python loop over tensors, one norm per kernel position with vector_norm, and G and eta
-    as Python floats, so one device-to-host copy per tensor. Written here, for timing only."""
+    """The same AGD step built the way the paper's published code builds it: a Python loop over
+    tensors, one norm per kernel position with vector_norm, and G and eta as Python floats, so one
+    device-to-host copy per tensor. Written here, for timing only."""
 
     def __init__(self, params):
         super().__init__(params, {})
