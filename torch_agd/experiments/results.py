@@ -158,9 +158,11 @@ def render_shape(runs: Sequence[Run]) -> Section:
                if final_stat(cells[k], "test_acc").n else -1)
     failed = [f"depth {d} width {w}" for (d, w), m in sorted(cells.items())
               if not final_stat(m, "test_acc").n or final_stat(m, "test_acc").mean < 2 * chance]
-    verdict = (section.state(Finding("", "AGD did not train", " (test accuracy under twice chance) at: "
-                                     + ", ".join(failed))) + "." if failed else
-               f"AGD trains at all {len(cells)} shapes (every cell above twice chance).")
+    if failed:
+        worse = Finding("", "AGD did not train", f" (test accuracy under twice chance) at: {', '.join(failed)}")
+        verdict = section.state(worse) + "."
+    else:
+        verdict = f"AGD trains at all {len(cells)} shapes (every cell above twice chance)."
     section.lines.append(f"Ours: best {_pct(final_stat(cells[best], 'test_acc'))}% at depth {best[0]}, "
                          f"width {best[1]}. {verdict}")
     return section
@@ -178,9 +180,11 @@ def render_batch(runs: Sequence[Run]) -> Section:
         best, largest = max(finite, key=lambda b: finite[b].mean), max(finite)
         drop = (finite[best].mean - finite[largest].mean) * 100
         fall = f"at batch {largest} AGD's test accuracy is {drop:.1f} points below its best"
-        verdict = (section.state(Finding("", f"Unlike the paper's, {fall}", " (the paper's rises from "
-                                         "batch 32 to 1024 and holds at 4096)")) if drop > 1 else
-                   f"As in the paper, {fall} (the paper's holds from 1024 to 4096)")
+        if drop > 1:
+            verdict = section.state(Finding("", f"Unlike the paper's, {fall}",
+                                            " (the paper's rises from batch 32 to 1024 and holds at 4096)"))
+        else:
+            verdict = f"As in the paper, {fall} (the paper's holds from 1024 to 4096)"
         section.lines.append(f"Ours: best at batch {best} ({_pct(finite[best])}%). Every run has the same "
                              f"number of epochs, so a larger batch takes fewer steps. {verdict}.")
     return section
