@@ -1,7 +1,14 @@
-"""A literal, per-submatrix transcription of AGD's step from the spec, for the tests only.
+"""A literal, per-block transcription of AGD's step, for the tests only.
 
-Deliberately naive (Python loops over kernel positions, float64, math module): it shares no code
-with torch_agd, so agreement with it means the optimizer computes what the paper states.
+Deliberately naive (Python loops over blocks, float64, the math module): it shares no code with
+torch_agd, so agreement with it means the optimizer computes what its docs state. A block is a
+list of pieces (tensor position, index into that tensor) with a scale s; one step is
+
+    G = (1/L) sum_B s(B) ||g(B)||,  eta = log((1 + sqrt(1 + 4G)) / 2),
+    every piece of B moves by -lr * gain * eta / L * s(B) * g(piece) / ||g(B)||
+
+so a piece that sits in several blocks (a conv's bias, in each kernel position's block) moves by
+the sum of their moves.
 """
 import itertools
 import math
@@ -19,8 +26,75 @@ def s_of(shape):
     return math.sqrt(shape[0] / shape[1]) / math.sqrt(math.prod(shape[2:]))
 
 
+def weight_blocks(i, shape, groups=1, bias=None, transposed=False):
+    """Blocks of a conv/linear weight at position i: per group and kernel position. ``bias``: the
+    position of a bias that joins them (the constant input's column of every block)."""
+    rows = shape[0] // groups
+    d_out, d_in = (shape[0] // groups, shape[1]) if not transposed else (shape[1], shape[0] // groups)
+    k = math.prod(shape[2:])
+    s = math.sqrt(d_out / (d_in + (bias is not None))) / math.sqrt(k)
+    out = []
+    for a in range(groups):
+        r = slice(a * rows, (a + 1) * rows)
+        for pos in itertools.product(*(range(n) for n in shape[2:])):
+            pieces = [(i, (r, slice(None), *pos))]
+            if bias is not None:  # the bias entries of this group's output channels
+                pieces.append((bias, (slice(a * d_out, (a + 1) * d_out),)))
+            out.append((pieces, s))
+    return out
+
+
+def attention_blocks(i, d, bias=None):
+    """q, k and v of a packed (3d, d) in_proj_weight, each with its third of the bias."""
+    s = math.sqrt(d / (d + (bias is not None)))
+    return [([(i, (slice(j * d, (j + 1) * d), slice(None)))] + ([] if bias is None else [(bias, (slice(j * d, (j + 1) * d),))]), s)
+            for j in range(3)]
+
+
+def row_blocks(i, shape):
+    """Every vector along the last dim (embedding rows, raw slots), of scale sqrt(d)."""
+    d = shape[-1] if shape else 1
+    if not shape:
+        return [([(i, ())], 1.0)]
+    return [([(i, (*idx, slice(None)))], math.sqrt(d)) for idx in itertools.product(*(range(n) for n in shape[:-1]))]
+
+
+def norm_blocks(gamma, numel, beta=None):
+    """Each channel's [gamma_i | beta_i], scale 1 (flat indices into the affine tensors)."""
+    return [([(gamma, ("flat", c))] + ([] if beta is None else [(beta, ("flat", c))]), 1.0) for c in range(numel)]
+
+
+def _get(t, idx):
+    if idx and idx[0] == "flat":
+        return t.reshape(-1)[idx[1]]
+    return t[idx]
+
+
+def reference_blocks_step(values, grads, blocks, depth, mults=None):
+    """(new values, eta) after one step over ``blocks`` (lists of pieces and scales)."""
+    values = [v.detach().double().clone() for v in values]
+    grads = [g.detach().double() for g in grads]
+    mults = mults or [1.0] * len(values)
+    norms = []
+    for pieces, _ in blocks:
+        norms.append(math.sqrt(sum(float(_get(grads[i], idx).square().sum()) for i, idx in pieces)))
+    G = sum(s * n for (_, s), n in zip(blocks, norms)) / depth
+    eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+    moves = [torch.zeros_like(v) for v in values]
+    for (pieces, s), n in zip(blocks, norms):
+        if n == 0:
+            continue
+        for i, idx in pieces:
+            step = mults[i] * eta / depth * s * _get(grads[i], idx) / n
+            if idx and idx[0] == "flat":
+                moves[i].view(-1)[idx[1]] += step
+            else:
+                moves[i][idx] += step
+    return [v - m for v, m in zip(values, moves)], eta
+
+
 def reference_step(weights, grads, gain=1.0, depth=None):
-    """Return (new weights, eta) for one AGD step, in float64."""
+    """Return (new weights, eta) for one step of the paper's rule on (out, in, kernel...) weights."""
     L = len(weights) if depth is None else depth
     G = 0.0
     for w, g in zip(weights, grads):

@@ -46,11 +46,13 @@ def test_haar_law_first_moments():
     assert samples.diagonal(dim1=1, dim2=2).mean().abs() < 4 / math.sqrt(n * draws)
 
 
-def test_accepts_parameter_lists_and_rejects_biases():
+def test_accepts_parameter_lists_and_needs_the_module_for_biases():
     ws = [torch.empty(4, 9, requires_grad=True)]
     init_weights_(ws)
     torch.testing.assert_close(torch.linalg.svdvals(ws[0].detach()), torch.full((4,), math.sqrt(4 / 9)))
-    with pytest.raises(UsageError, match="bias=False"):
-        init_weights_(nn.Linear(3, 3))
-    with pytest.raises(UsageError, match="params\\[1\\]"):
+    # given the module, a bias is known as one and joins its layer: [W | b] acts on [x; 1]
+    layer = init_weights_(nn.Linear(3, 5))
+    torch.testing.assert_close(torch.linalg.svdvals(layer.weight.detach()), torch.full((3,), math.sqrt(5 / 4)))
+    assert torch.equal(layer.bias, torch.zeros(5))
+    with pytest.raises(UsageError, match="params\\[1\\].*AGD\\(model\\)"):
         init_weights_([torch.empty(3, 3), torch.empty(3)])

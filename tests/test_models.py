@@ -51,7 +51,7 @@ def test_every_parameter_is_a_weight_agd_can_step(key):
             assert m.bias is None
         if isinstance(m, nn.BatchNorm2d):
             assert not m.affine
-    assert AGD(model).depth == SIZES[key][0]  # AGD accepts every tensor; L counts them all
+    assert AGD(model, depth="weights").depth == SIZES[key][0]  # the paper's L counts them all
 
 
 @pytest.mark.parametrize("arch, dataset, hw", [

@@ -80,14 +80,17 @@ shapes = st.lists(st.integers(1, 6), min_size=2, max_size=5).map(tuple)
 @given(shape_list=st.lists(shapes, min_size=1, max_size=4), log_scale=st.floats(-6, 6),
        gain=st.floats(0.1, 10), foreach=st.booleans(), seed=st.integers(0, 2**16))
 def test_each_submatrix_moves_by_gain_eta_over_L_times_s(shape_list, log_scale, gain, foreach, seed):
+    # eta comes from the literal transcription, so a step that got eta wrong (or 0) fails here
     gen = torch.Generator().manual_seed(seed)
     ws = [torch.randn(s, dtype=torch.float64, generator=gen).requires_grad_() for s in shape_list]
     for w in ws:
         w.grad = torch.randn(w.shape, dtype=torch.float64, generator=gen) * 10.0 ** log_scale
     before = [w.detach().clone() for w in ws]
+    _, eta = reference_step(before, [w.grad for w in ws], gain=gain)
     opt = AGD(ws, gain=gain, foreach=foreach)
     opt.step()
-    eta, L = opt.eta.item(), len(ws)
+    L = len(ws)
+    assert opt.eta.item() == pytest.approx(eta, rel=1e-9)
     for w, b in zip(ws, before):
         for idx in submatrices(w):
             moved = torch.linalg.norm(w.detach()[idx] - b[idx]).item()
@@ -98,18 +101,19 @@ def test_each_submatrix_moves_by_gain_eta_over_L_times_s(shape_list, log_scale, 
 @given(shape_list=st.lists(shapes, min_size=1, max_size=3), factor=st.floats(1e-3, 1e3),
        foreach=st.booleans(), seed=st.integers(0, 2**16))
 def test_update_direction_ignores_loss_scale(shape_list, factor, foreach, seed):
+    # The same gradients scaled by c move the weights along the same directions, by the amounts
+    # the literal transcription gives for each scale (eta grows with c, the directions do not).
     gen = torch.Generator().manual_seed(seed)
     grads = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shape_list]
-    moves = []
     for c in (1.0, factor):
         ws = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shape_list]
         for w, g in zip(ws, grads):
             w.grad = g * c
+        expected, _ = reference_step([w.detach() for w in ws], [g * c for g in grads])
         opt = AGD(ws, foreach=foreach)
         opt.step()
-        moves.append([w.detach() / opt.eta for w in ws])  # direction times s(W)/L, eta divided out
-    for a, b in zip(*moves):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+        for w, e in zip(ws, expected):
+            torch.testing.assert_close(w.detach(), e, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
@@ -126,7 +130,9 @@ def test_zero_and_missing_gradients(foreach):
     assert not torch.equal(ws[0][:, :, 0], before[0][:, :, 0])
     assert torch.equal(ws[1], before[1]) and torch.equal(ws[2], before[2])
     assert all(torch.isfinite(w).all() for w in ws)
-    assert opt.depth == 3 and len(opt.state) == 0  # no per-parameter state at all
+    # no per-parameter state: only eta and the two counters, 0-d, in the first parameter's state
+    assert opt.depth == 3 and list(opt.state) == [ws[0]]
+    assert {k: v.dim() for k, v in opt.state[ws[0]].items()} == {"eta": 0, "steps": 0, "skipped_steps": 0}
 
 
 def test_step_with_no_gradients_does_nothing_and_returns_closure_loss():
@@ -181,21 +187,22 @@ def test_non_finite_gradient_leaves_every_weight_unchanged(bad, foreach, masked,
 @pytest.mark.parametrize("foreach", FOREACH)
 def test_half_precision_gradients_accumulate_in_float32(dtype, foreach):
     torch.manual_seed(0)
-    # The 128x64x3x3 weight is large enough for the CPU fast path's accumulator.
-    ws = [torch.randn(64, 32, dtype=dtype, requires_grad=True), torch.randn(16, 64, 3, 3, dtype=dtype, requires_grad=True),
-          torch.randn(128, 64, 3, 3, dtype=dtype, requires_grad=True)]
+    # Weights start at zero, so each one ends at its update: the comparison's tolerance is a few
+    # half-precision ulps of the update itself, not of a weight a thousand times larger. The
+    # 128x64x3x3 weight is large enough for the CPU fast path's accumulator.
+    shapes = [(64, 32), (16, 64, 3, 3), (128, 64, 3, 3)]
+    ws = [torch.zeros(s, dtype=dtype, requires_grad=True) for s in shapes]
     for w in ws:
         w.grad = (torch.randn(w.shape) * 1e-3).to(dtype)
-    ref32 = [w.detach().float().requires_grad_() for w in ws]
-    for r, w in zip(ref32, ws):
-        r.grad = w.grad.float()
-    opt, opt32 = AGD(ws, foreach=foreach), AGD(ref32)
+    expected, eta = reference_step([w.detach() for w in ws], [w.grad for w in ws])
+    opt = AGD(ws, foreach=foreach)
     opt.step()
-    opt32.step()
     assert opt.eta.dtype == torch.float32
-    assert opt.eta.item() == pytest.approx(opt32.eta.item(), rel=1e-5)
-    for w, r in zip(ws, ref32):
-        torch.testing.assert_close(w.detach().float(), r.detach(), rtol=2e-2, atol=2e-2)
+    assert opt.eta.item() == pytest.approx(eta, rel=1e-5)
+    info = torch.finfo(dtype)  # half an ulp of rounding either side; fp16 subnormals have a fixed spacing
+    for w, e in zip(ws, expected):
+        assert (e != 0).double().mean() > 0.99  # (nearly) every entry moves: unchanged weights fail below
+        torch.testing.assert_close(w.detach().double(), e, rtol=info.eps, atol=info.tiny * info.eps)
 
 
 def test_param_groups_with_their_own_gain():
@@ -265,19 +272,6 @@ def test_state_dict_round_trip_then_identical_steps():
         o.step()
     for p, q in zip(net.parameters(), net2.parameters()):
         assert torch.equal(p, q)
-
-
-@pytest.mark.parametrize("layer,needle", [
-    (nn.Linear(3, 4), "0.bias"),
-    (nn.Conv2d(3, 4, 3), "bias=False"),
-    (nn.BatchNorm1d(4), "affine=False"),
-    (nn.Embedding(10, 4), "Embedding"),
-    (nn.ConvTranspose2d(3, 4, 3, bias=False), "ConvTranspose2d"),
-])
-def test_construction_rejects_what_the_rule_does_not_cover(layer, needle):
-    with pytest.raises(UsageError, match=needle) as err:
-        AGD(nn.Sequential(layer))
-    assert "\n" not in str(err.value)
 
 
 def test_construction_rejects_scalars_bad_gain_and_depth():

@@ -1,11 +1,19 @@
-"""AGD's initialisation: every submatrix uniformly (semi-)orthogonal, the tensor scaled by s(W).
+"""AGD's initialisation, one rule per kind of parameter (rules.py):
 
-Afterwards every singular value of every (d_out, d_in) submatrix equals s(W).
+- weight, weight_t, attention: every block uniformly (semi-)orthogonal, times s(B), so every
+  singular value of every block equals s(B) (the paper's initialisation);
+- embedding: every row a uniformly random direction of unit RMS (norm sqrt(d));
+- bias: zero; norm: gamma = 1, beta = 0 (what the layer would do anyway, done explicitly);
+- raw (positional embeddings, class tokens...): left as the module initialised it.
 """
+from __future__ import annotations
+
+import math
+
 import torch
 from torch import nn
 
-from .scale import check_weight, named_weights, num_submatrices, scale
+from . import rules
 
 
 def _haar_orthogonal(k: int, rows: int, cols: int, like: torch.Tensor, generator=None) -> torch.Tensor:
@@ -21,23 +29,43 @@ def _haar_orthogonal(k: int, rows: int, cols: int, like: torch.Tensor, generator
     return q.to(device=like.device, dtype=like.dtype)
 
 
+def _orthogonal_blocks(p: torch.Tensor, b: rules.Blocks, generator) -> torch.Tensor:
+    """p's value with each block orthogonal and of scale b.scale, in p's layout."""
+    per_block = b.rows // b.row_blocks
+    # (row_blocks, k, rows per block, inner): block (a, j) is rows a*r:(a+1)*r at kernel position j
+    q = _haar_orthogonal(b.row_blocks * b.k, per_block, b.inner, p, generator)
+    q = q.view(b.row_blocks, b.k, per_block, b.inner).permute(0, 2, 3, 1)
+    return (q * b.scale).reshape(p.shape)
+
+
 @torch.no_grad()
 def init_weights_(module_or_params, generator: torch.Generator | None = None):
-    """Initialise weights in place as AGD expects and return the argument.
+    """Initialise parameters in place as AGD expects and return the argument.
 
-    Accepts an nn.Module (all its parameters) or an iterable of weight tensors. Raises a
-    UsageError naming any tensor the rule does not cover (1-D biases, 0-D, Embedding, ...).
+    Accepts an nn.Module (every parameter, by its kind) or an iterable of >= 2-D weight tensors
+    laid out (out, in, kernel...). A parameter no rule covers is a UsageError naming it.
     """
     if isinstance(module_or_params, nn.Module):
-        named = named_weights(module_or_params)
+        groups = rules.module_param_groups(module_or_params)
     else:
-        named = [(f"params[{i}]", p) for i, p in enumerate(module_or_params)]
-    for name, p in named:
-        check_weight(p, name)
-    for _, p in named:
-        d_out, d_in = p.shape[0], p.shape[1]
-        k = num_submatrices(p.shape)
-        q = _haar_orthogonal(k, d_out, d_in, p, generator)          # (k, d_out, d_in)
-        w = q.permute(1, 2, 0).reshape(p.shape)                     # submatrix i at kernel position i
-        p.copy_(w * scale(p.shape))
+        groups = [{"params": [(f"params[{i}]", p) for i, p in enumerate(module_or_params)]}]
+    named = []
+    for group in groups:
+        for name, p in group["params"]:
+            kind = group.get("kind") or rules.default_kind(p, name)
+            rules.check(kind, p, name, group.get("conv_groups", 1))
+            named.append((name, p, kind, group.get("conv_groups", 1)))
+    structure, _ = rules.assign_blocks(named)
+    for name, p, kind, _ in named:
+        b = structure[id(p)][0][0]
+        if kind in ("weight", "weight_t", "attention"):
+            p.copy_(_orthogonal_blocks(p, b, generator))
+        elif kind == "embedding":
+            rows = torch.randn(p.shape, dtype=torch.float64, generator=generator)
+            rows *= math.sqrt(p.shape[1]) / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+            p.copy_(rows)
+        elif kind == "bias" or kind == "norm" and name.endswith("bias"):
+            p.zero_()
+        elif kind == "norm":
+            p.fill_(1.0)
     return module_or_params

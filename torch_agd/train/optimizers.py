@@ -106,7 +106,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
         from torch_agd import AGD, init_weights_
 
         init_weights_(model)
-        return AGD(model, gain=gain)
+        # The paper's L: the number of weight tensors (AGD(model) alone counts residual blocks once).
+        return AGD(model, gain=gain, depth="weights")
     check_lr(name, lr)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["adam"] if lr is None else lr)
