@@ -13,6 +13,7 @@ from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS
 from torch_agd.train import rundir
+from torch_agd.train.fsdp import OPTIMIZERS as SHARDABLE
 from torch_agd.train.loop import LOSSES
 from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS
 
@@ -35,6 +36,7 @@ FLAGS: dict[str, tuple] = {
     "compile": (bool, False, "torch.compile the model"),
     "cpu": (bool, False, "train on the CPU even if a GPU is available"),
     "distribute": (bool, False, "one process per device under torchrun (implied by torchrun)"),
+    "fsdp": (bool, False, "shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"),
     "data_dir": (str, None, "where datasets live or are downloaded to (default $AGD_DATA, else ~/.cache/torch-agd)"),
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
@@ -97,8 +99,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
         if not path.is_file():
             raise UsageError(f"nothing to resume: {path} does not exist (start the run without --resume)")
         saved = json.loads(path.read_text())
-        differ = [f"{_flag(k)} {v} (the run has {saved.get(k)})" for k, v in given.items()
-                  if k not in MAY_CHANGE_ON_RESUME and saved.get(k) != v]
+        differ = [f"{_flag(k)} {v} (the run has {saved.get(k, FLAGS[k][1])})" for k, v in given.items()
+                  if k not in MAY_CHANGE_ON_RESUME and saved.get(k, FLAGS[k][1]) != v]
         if differ:
             raise UsageError(f"--resume: flags differ from {path}: {', '.join(differ)}; "
                              "drop them to continue the run as it was started")
@@ -119,6 +121,17 @@ def default_out(config: dict) -> str:
         n += 1
         out = stem.with_name(f"{stem.name}-{n}")
     return str(out)
+
+
+def check_fsdp(config: dict) -> None:
+    """What --fsdp does not combine with (checked before joining the process group)."""
+    if not config["fsdp"]:
+        return
+    if config["compile"]:
+        raise UsageError("--fsdp does not combine with --compile yet; drop --compile")
+    if config["optimizer"] not in SHARDABLE:
+        raise UsageError(f"--fsdp trains with --optimizer {', '.join(SHARDABLE[:-1])} or {SHARDABLE[-1]}; "
+                         f"run --optimizer {config['optimizer']} without --fsdp")
 
 
 def check_split(config: dict, world_size: int) -> None:

@@ -84,6 +84,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    sharded: bool = False  # --fsdp: a process group even for one process
 
     @property
     def is_master(self) -> bool:
@@ -94,8 +95,9 @@ class DistEnv:
         return self.world_size > 1
 
     @classmethod
-    def create(cls, *, cpu: bool = False, distribute: bool = False) -> "DistEnv":
-        """Read the launcher's environment, pick the device, and join the process group."""
+    def create(cls, *, cpu: bool = False, distribute: bool = False, fsdp: bool = False) -> "DistEnv":
+        """Read the launcher's environment, pick the device, and join the process group (for
+        ``fsdp`` also on one process: FSDP2 shards over a device mesh, which needs one)."""
         launched = _launcher_env()
         rank, world_size, local_rank = launched or (0, 1, 0)
         pg_timeout = timeout()  # a bad value is an error even on one process
@@ -107,12 +109,17 @@ class DistEnv:
             torch.cuda.set_device(device)
         else:
             device = torch.device("cpu")
-        env = cls(rank, world_size, local_rank, device)
+        env = cls(rank, world_size, local_rank, device, sharded=fsdp)
+        backend = "nccl" if use_cuda else "gloo"
+        if fsdp and world_size == 1 and not dist.is_initialized():
+            # A group of one, in memory: no port to pick, nothing to rendezvous with.
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=pg_timeout, device_id=device if use_cuda else None)
         if world_size > 1 and not dist.is_initialized():
             for var in ("MASTER_ADDR", "MASTER_PORT"):
                 if var not in os.environ:
                     raise UsageError(f"{var} is not set: export MASTER_ADDR and MASTER_PORT, or use {TORCHRUN_HINT}")
-            dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+            dist.init_process_group(backend, rank=rank, world_size=world_size,
                                     timeout=pg_timeout, device_id=device if use_cuda else None)
         return env
 
@@ -141,5 +148,5 @@ class DistEnv:
             dist.barrier()
 
     def close(self) -> None:
-        if self.distributed and dist.is_initialized():
+        if (self.distributed or self.sharded) and dist.is_initialized():
             dist.destroy_process_group()

@@ -92,11 +92,14 @@ def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimize
     return builder(params, lr=lr)
 
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0) -> Optimizer:
+def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
+                    init: bool = True) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means the default.
 
     For "agd" this re-initialises ``model``'s weights, so build it before loading a checkpoint
-    and before wrapping the model in DistributedDataParallel.
+    and before wrapping the model in DistributedDataParallel or sharding it; ``init=False``
+    builds it without that, on a model already initialised (and sharded: FSDP2 replaces the
+    parameters, so the optimizer is built again on the shards).
     """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -105,7 +108,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
             raise UsageError("--lr does not apply to --optimizer agd (AGD sets its own step size); use --gain")
         from torch_agd import AGD, init_weights_
 
-        init_weights_(model)
+        if init:
+            init_weights_(model)
         # The paper's L: the number of weight tensors (AGD(model) alone counts residual blocks once).
         return AGD(model, gain=gain, depth="weights")
     check_lr(name, lr)

@@ -23,8 +23,8 @@ from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
-from torch_agd.train import rundir
-from torch_agd.train.config import add_arguments, check_split, default_out, resolve_config
+from torch_agd.train import fsdp, rundir
+from torch_agd.train.config import add_arguments, check_fsdp, check_split, default_out, resolve_config
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
 from torch_agd.train.optimizers import build_optimizer
@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config, resuming = resolve_config(args)
         check_split(config, world_size)
+        check_fsdp(config)
     except UsageError:
         if rank != 0 and not args.resume:
             # A rank that leaves first gets rank 0 killed by the launcher before it has said why,
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(QUIET_RANK_WAIT_S)
             return 2
         raise
-    env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"])
+    env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"], fsdp=config["fsdp"])
     try:
         code = _train(config, resuming, env)
         if code == 0:
@@ -221,6 +222,9 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     model = build_model(config["arch"], info, depth=config["depth"], width=config["width"])
     optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"])
     model.to(env.device)
+    if config["fsdp"]:  # sharding replaces the parameters: the optimizer is built on the shards
+        fsdp.shard_model(model, env)
+        optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"], init=False)
 
     # One process per machine downloads (the data dir may be local to each node); the others
     # then find the files in place.
@@ -236,28 +240,33 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
         _start_run_dir(out, config)
     history: list[dict] = []
     start = 0
-    have_checkpoint = resuming and (out / rundir.CHECKPOINT).exists()
+    checkpoint = fsdp.checkpoint_path(out, sharded=config["fsdp"], resuming=resuming)
+    have_checkpoint = resuming and checkpoint.exists()
     if env.broadcast_object(have_checkpoint) != have_checkpoint:  # every rank must resume from the same epoch
-        raise UsageError(f"rank {env.rank} cannot see {out / rundir.CHECKPOINT}, which rank 0 has: "
+        raise UsageError(f"rank {env.rank} cannot see {checkpoint}, which rank 0 has: "
                          "--out must be a directory that every machine shares")
-    if have_checkpoint:
-        state = ckpt.load_checkpoint(out / rundir.CHECKPOINT)
+    if have_checkpoint and config["fsdp"]:  # every rank reads the shards it holds now
+        state = fsdp.load_checkpoint(checkpoint, model=model, optimizer=optimizer)
+    elif have_checkpoint:
+        state = ckpt.load_checkpoint(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+    if have_checkpoint:
         ckpt.set_rng_state(state["rng"])
         history, start = state["metrics"], state["epoch"]
         if env.is_master:  # the kill may have come between the checkpoint and the metrics file
             rundir.write_jsonl(out / rundir.METRICS, history)
 
     train_model = model
-    if env.distributed:
+    ddp = env.distributed and not config["fsdp"]
+    if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
     if config["compile"]:
         train_model = torch.compile(train_model)
     # Evaluation runs without DDP: ranks may hold different numbers of test batches.
-    eval_model = train_model if not env.distributed else (torch.compile(model) if config["compile"] else model)
+    eval_model = train_model if not ddp else (torch.compile(model) if config["compile"] else model)
 
     loss_fn = LOSSES[config["loss"]]
     epochs = config["epochs"]
@@ -268,7 +277,8 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     if start and start == epochs:
         resumed = f"already finished {epochs} epochs: "
     reporter.line(f"{resumed}{config['arch']} on {config['dataset']} with {config['optimizer']}: {n_params:,} parameters "
-                  f"in {n_tensors} tensors, {env.world_size} x {env.device.type}; run directory {out}")
+                  f"in {n_tensors} tensors, {env.world_size} x {env.device.type}{', FSDP' if config['fsdp'] else ''}; "
+                  f"run directory {out}")
     skipped_before = sum(r["skipped_steps"] or 0 for r in history)
     epoch = start
     try:
@@ -285,22 +295,28 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
 
             _switch(optimizer, "eval")
             env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
-            test = evaluate(eval_model, data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size),
-                            loss_fn=loss_fn, device=env.device, amp=config["amp"])
+            test_batches = data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size)
+            if config["fsdp"]:  # a sharded forward is a collective: as many on every rank
+                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config["test_bs"], env, info.in_shape)
+            test = evaluate(eval_model, test_batches, loss_fn=loss_fn, device=env.device, amp=config["amp"])
             test = env.all_reduce_sum(test).tolist()
             row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
             skipped_before += row["skipped_steps"] or 0
             history.append(row)
-            if env.is_master:  # checkpoint first: metrics.jsonl is rebuilt from it on resume
+            # Checkpoint first: metrics.jsonl is rebuilt from it on resume.
+            if config["fsdp"]:  # every rank writes its own shards
+                fsdp.save_checkpoint(out, model=model, optimizer=optimizer, epoch=epoch + 1, metrics=history, env=env)
+            elif env.is_master:
                 ckpt.save_checkpoint(out / rundir.CHECKPOINT, model=model, optimizer=optimizer,
                                      epoch=epoch + 1, metrics=history)
+            if env.is_master:
                 rundir.write_jsonl(out / rundir.METRICS, history)
             reporter.line(_epoch_line(row, epochs))
             reporter.epoch_done()
     except KeyboardInterrupt:
         reporter.close()
         if env.is_master:
-            print(f"\ninterrupted in epoch {epoch + 1}; {out / rundir.CHECKPOINT} holds the last completed "
+            print(f"\ninterrupted in epoch {epoch + 1}; {checkpoint} holds the last completed "
                   f"epoch ({len(history)}): continue with  agd train --out {out} --resume", file=sys.stderr)
         return 130
     reporter.close()

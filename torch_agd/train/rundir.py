@@ -1,8 +1,8 @@
 """The files of a run directory, by name, and the one way they are written and read.
 
 A run directory is what ``agd train --out DIR`` leaves (docs/architecture.md): config.json,
-metrics.jsonl (one JSON object per epoch), checkpoint.pt and, once every epoch finished,
-summary.json. The trainer writes them, sweeps and the results page read them; all take the
+metrics.jsonl (one JSON object per epoch), checkpoint.pt (a directory, checkpoint/, under --fsdp)
+and, once every epoch finished, summary.json. The trainer writes them, sweeps and the results page read them; all take the
 names and the JSON format from here. Every write is atomic (torch_agd.atomic), so a reader, or
 a run killed at any moment, sees the old file or the new one, never half of one.
 """
@@ -18,6 +18,7 @@ from torch_agd.atomic import atomic_write_bytes
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_DIR = "checkpoint"  # --fsdp: a torch.distributed.checkpoint directory (train/fsdp.py)
 SUMMARY = "summary.json"
 
 

@@ -1,0 +1,171 @@
+"""`agd train --fsdp`: FSDP2 (`fully_shard`) in place of DDP, and its sharded checkpoints.
+
+Under DDP every rank holds the whole model, its gradients and the optimizer state. Under FSDP2
+each of N ranks holds 1/N of the rows of every parameter, of its gradient and of the optimizer
+state built on it; a unit's parameters are all-gathered for its forward and backward and freed
+after, and the gradients are reduce-scattered (averaged) straight into the shards. AGD steps the
+shards where they are: one all-reduce of the squared block norms per step (torch_agd/shard.py).
+
+Three things differ from a DDP run (docs/distributed.md, "FSDP2"):
+
+- the model (`shard_model`): the weights are drawn whole, on the CPU from the seed, as always;
+  then `fully_shard` wraps every unit (`units`) and the root, which replaces the parameters
+  with DTensors, so the optimizer is built again on those (the trainer does that).
+- evaluation (`in_lockstep`): a sharded forward is a collective, so every rank must run as many
+  forwards as the rank with the most test batches; the others run the missing ones on an empty
+  batch, which counts nothing.
+- checkpoints (`save_checkpoint`, `load_checkpoint`): DIR/checkpoint/, a
+  torch.distributed.checkpoint directory in which every rank writes its own shards, plus
+  train_state.pt (epoch, metrics, RNG state) from rank 0. DCP records each shard's place in the
+  whole tensor, so a run resumes on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from torch_agd.atomic import atomic_write_bytes
+from torch_agd.errors import UsageError
+from torch_agd.train import checkpoint as ckpt
+from torch_agd.train import rundir
+from torch_agd.train.dist import DistEnv
+
+# Optimizers that step DTensor shards correctly. The peers are refused: Prodigy and D-Adaptation
+# flatten whole parameters, which DTensor cannot do for shards of unequal length.
+OPTIMIZERS = ("agd", "adam", "sgd")
+
+# Inside DIR/checkpoint/: what is not a tensor (epoch, metrics, RNG state), from rank 0.
+TRAIN_STATE = "train_state.pt"
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def units(model: nn.Module) -> list[nn.Module]:
+    """The modules that `fully_shard` wraps below the root, each one all-gather per forward:
+    descending through containers (Sequential, ModuleList, ModuleDict), every other module
+    that holds parameters, whole: a layer of the FCN or VGG, a residual block of a ResNet."""
+    found = []
+    for child in model.children():
+        if isinstance(child, _CONTAINERS):
+            found += units(child)
+        elif next(child.parameters(), None) is not None:
+            found.append(child)
+    return found
+
+
+def shard_model(model: nn.Module, env: DistEnv) -> None:
+    """fully_shard every unit, then the root (which takes any parameter left), over a 1-D mesh
+    of every rank. The model must be on env.device and initialised: its parameters are replaced."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(env.device.type, (env.world_size,))
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def in_lockstep(batches, model: nn.Module, split, batch_size: int, env: DistEnv, in_shape: tuple):
+    """This rank's test ``batches``, then forwards of an empty batch until it has run as many
+    forwards as the rank with the most batches: each forward all-gathers parameters, and a rank
+    that stopped early would leave the others waiting. The empty forwards yield nothing, so
+    the metrics are those of the real batches alone."""
+    counts = [split.num_batches(batch_size, rank=r, world_size=env.world_size) for r in range(env.world_size)]
+    yield from batches
+    empty = torch.zeros((0, *in_shape), device=env.device)
+    for _ in range(max(counts) - counts[env.rank]):
+        model(empty)
+
+
+# ------------------------------------------------------------------------ checkpoints
+#
+# Written atomically as a directory: every rank writes into DIR/checkpoint.tmp/, rank 0 adds
+# train_state.pt last, then renames the last checkpoint to DIR/checkpoint.old/, the new one to
+# DIR/checkpoint/, and deletes the old one. A kill at any moment leaves a complete checkpoint:
+# DIR/checkpoint/, or, between the two renames, DIR/checkpoint.old/. A .tmp directory is never
+# read, and the next save starts it afresh.
+
+
+def _paths(out: Path) -> tuple[Path, Path, Path]:
+    final = out / rundir.CHECKPOINT_DIR
+    return final, final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+
+
+def _complete(path: Path) -> bool:
+    return (path / ".metadata").is_file() and (path / TRAIN_STATE).is_file()
+
+
+def checkpoint_path(out: Path, *, sharded: bool, resuming: bool = True) -> Path:
+    """Where the run's last complete checkpoint is, or goes: DIR/checkpoint.pt, or for --fsdp
+    DIR/checkpoint/ (DIR/checkpoint.old/ if a save was killed between its renames). When
+    resuming, a run directory holding only the other kind is a UsageError: the run would
+    start afresh and overwrite its metrics."""
+    final, _, old = _paths(out)
+    if not sharded:
+        path, other = out / rundir.CHECKPOINT, final
+    else:
+        path, other = (old if resuming and not final.exists() and _complete(old) else final), out / rundir.CHECKPOINT
+    if resuming and other.exists() and not path.exists():
+        made, now = ("without", "with") if sharded else ("with", "without")
+        raise UsageError(f"{out} holds {other.name}, written {made} --fsdp, but its config.json asks for a run "
+                         f"{now} --fsdp: set fsdp back to {str(not sharded).lower()} in config.json to resume it")
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metrics: list[dict], env: DistEnv) -> None:
+    """Every rank writes its shards of the model and optimizer state (a collective); see above."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp, old = _paths(out)
+    if env.is_master:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a save killed half-way left
+    env.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    # Returns on every rank once rank 0 has written .metadata, after every rank's shards.
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if env.is_master:
+        buffer = io.BytesIO()
+        torch.save({"epoch": epoch, "metrics": metrics, "rng": ckpt.rng_state()}, buffer)
+        atomic_write_bytes(tmp / TRAIN_STATE, buffer.getvalue())
+        _fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)  # left by a save killed while deleting it
+            final.rename(old)
+        tmp.rename(final)
+        _fsync_dir(out)
+        shutil.rmtree(old, ignore_errors=True)  # a leftover is deleted by the next save
+    env.barrier()  # no rank reads or writes the directory before it is in place
+
+
+def load_checkpoint(path: Path, *, model: nn.Module, optimizer) -> dict:
+    """Load the shards this rank holds now (on any number of ranks) into ``model`` and
+    ``optimizer`` (a collective); returns train_state.pt: epoch, metrics, rng."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    # The templates DCP loads into; for a fresh optimizer get_state_dict first creates its state
+    # with a step of zero gradients at lr 0, which moves no weight.
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    # Not strict: AGD without momentum keeps no state per parameter (its counters live in the
+    # first parameter's), which the strict check takes for missing state.
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+    return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)
