@@ -132,9 +132,10 @@ def test_evaluation_runs_the_ranks_in_lockstep_and_counts_every_sample_once(step
 # ------------------------------------------------------------------ the policy and the checkpoints, in-process
 
 
-def test_units_are_layers_and_residual_blocks():
+def test_units_are_layers_residual_blocks_and_transformer_layers():
     from torch_agd.data import DATASETS
     from torch_agd.models import build_model
+    from torch_agd.models.charlm import CharLM
 
     fcn = build_model("fcn", DATASETS["fashion-mnist"], depth=3, width=8)
     assert fsdp.units(fcn) == [m for m in fcn if isinstance(m, nn.Linear)]
@@ -144,6 +145,9 @@ def test_units_are_layers_and_residual_blocks():
     # together they hold every parameter: the root is left none of its own
     assert sum(p.numel() for u in fsdp.units(resnet) for p in u.parameters()) == sum(
         p.numel() for p in resnet.parameters())
+    lm = CharLM(50, dim=16, layers=3, heads=2, context=8)
+    kinds = [type(m).__name__ for m in fsdp.units(lm)]
+    assert kinds == ["Embedding"] + ["TransformerEncoderLayer"] * 3 + ["LayerNorm", "Linear"], kinds
 
 
 @pytest.fixture

@@ -43,13 +43,16 @@ OPTIMIZERS = ("agd", "adam", "sgd")
 # Inside DIR/checkpoint/: what is not a tensor (epoch, metrics, RNG state), from rank 0.
 TRAIN_STATE = "train_state.pt"
 
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+# Modules that only hold others: units are found inside them. torch's transformer stacks are
+# containers of layers too, so that each layer, not the whole stack, is gathered at a time.
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.TransformerEncoder, nn.TransformerDecoder)
 
 
 def units(model: nn.Module) -> list[nn.Module]:
     """The modules that `fully_shard` wraps below the root, each one all-gather per forward:
-    descending through containers (Sequential, ModuleList, ModuleDict), every other module
-    that holds parameters, whole: a layer of the FCN or VGG, a residual block of a ResNet."""
+    descending through containers (Sequential, ModuleList, ModuleDict, a transformer stack),
+    every other module that holds parameters, whole: a layer of the FCN or VGG, a residual
+    block of a ResNet, a transformer layer."""
     found = []
     for child in model.children():
         if isinstance(child, _CONTAINERS):
