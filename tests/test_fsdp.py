@@ -429,3 +429,25 @@ def test_fsdp_on_a_run_without_it_is_a_one_line_error(fsdp_runs, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith(f"agd: error: {run} holds checkpoint.pt, written without --fsdp") and err.count("\n") == 1
     assert (run / rundir.METRICS).read_bytes() == before and not dist.is_initialized()
+
+
+def test_fsdp_with_amp_on_one_process_trains_as_amp_without_it(tmp_path, monkeypatch):
+    # --amp under --fsdp is the same bf16 autocast around the forward; the float32 shards stay
+    # float32. One process: a 1-rank FSDP job, whose gathered weights are the whole weights.
+    from fakedata import install_fake_idx
+
+    _clean_launch(monkeypatch)
+    install_fake_idx(monkeypatch, tmp_path / "data", "fashion-mnist", n_train=192, n_test=40)
+    argv = ["train", "--arch", "fcn", "--dataset", "fashion-mnist", "--depth", "3", "--width", "16", "--train-bs",
+            "32", "--test_bs", "16", "--epochs", "1", "--cpu", "--amp", "--data-dir", str(tmp_path / "data")]
+    assert main([*argv, "--out", str(tmp_path / "amp")]) == 0
+    assert main([*argv, "--fsdp", "--out", str(tmp_path / "fsdp")]) == 0
+    assert not dist.is_initialized()
+    sharded = _consolidated(tmp_path / "fsdp" / rundir.CHECKPOINT_DIR, tmp_path)["model"]
+    alone = torch.load(tmp_path / "amp" / rundir.CHECKPOINT, weights_only=True)["model"]
+    for name, weight in alone.items():
+        assert sharded[name].dtype == torch.float32
+        assert (sharded[name] - weight).norm() / weight.norm() <= 1e-5, name
+    a, b = metrics_rows(tmp_path / "fsdp")[0], metrics_rows(tmp_path / "amp")[0]
+    for key in ("train_loss", "test_loss", "eta_mean"):
+        assert _rel(a[key], b[key]) <= 1e-5, key
