@@ -63,6 +63,7 @@ CASES = {
     "conv": dict(model="conv"),
     "conv-per-tensor": dict(model="conv", foreach=False),
     "mlp-bf16": dict(model="mlp", bf16=True),        # MixedPrecisionPolicy(bf16 params, fp32 reduce)
+    "mlp-hsdp": dict(model="mlp", hsdp=True),        # a (replicate, shard) mesh of (2, 1): HSDP
 }
 
 
@@ -98,7 +99,7 @@ def mse(out, target):
     return (out.float() - target).square().mean()
 
 
-def run_case(name: str, spec: dict, rank: int, world: int, mesh, counts: dict) -> dict:
+def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts: dict) -> dict:
     build, in_shape, outputs = MODELS[spec["model"]]
     torch.manual_seed(0)
     model = build()
@@ -106,6 +107,7 @@ def run_case(name: str, spec: dict, rank: int, world: int, mesh, counts: dict) -
     ref = copy.deepcopy(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters()}
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if spec.get("bf16") else None
+    mesh = meshes["hsdp" if spec.get("hsdp") else "fsdp"]
     kwargs = dict(mesh=mesh) if policy is None else dict(mesh=mesh, mp_policy=policy)
     for child in model.children():
         if next(child.parameters(), None) is not None:
@@ -204,10 +206,11 @@ def main(out: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))  # a mismatch fails, not hangs
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (world,))
+    meshes = {"fsdp": init_device_mesh("cpu", (world,)),
+              "hsdp": init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))}
     counts = count_paths()
-    results = {name: run_case(name, spec, rank, world, mesh, counts) for name, spec in CASES.items()}
-    results["lockstep"] = run_lockstep(rank, world, mesh)
+    results = {name: run_case(name, spec, rank, world, meshes, counts) for name, spec in CASES.items()}
+    results["lockstep"] = run_lockstep(rank, world, meshes["fsdp"])
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     if rank == 0:
