@@ -299,16 +299,22 @@ def _untimed(rows):
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory, one_thread):
-    """The same run on 2 ranks under torchrun with --fsdp, and in one process without (meanwhile)."""
+    """The same run on 2 ranks under torchrun with --fsdp, and in one process without; and, started
+    with them to share their start-up time, a third, killed whole (SIGKILL to torchrun and both
+    ranks) as soon as it has written its first checkpoint."""
     tmp = tmp_path_factory.mktemp("fsdp-runs")
-    two, one = tmp / "two", tmp / "one"
+    two, one, killed = tmp / "two", tmp / "one", tmp / "killed"
     proc = _torchrun(*FLAGS, "--fsdp", "--out", str(two), data_dir=tmp / "data")
+    doomed = _torchrun(*FLAGS, "--fsdp", "--out", str(killed), data_dir=tmp / "data")
+    _wait_for(killed / rundir.CHECKPOINT_DIR, [doomed])
+    workers = _kill_job(doomed)
     with pytest.MonkeyPatch.context() as mp:
         _clean_launch(mp)
         assert main(["train", *FLAGS, "--out", str(one), "--data_dir", str(tmp / "data")]) == 0
     stdout, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
-    return dict(tmp=tmp, two=two, one=one, stdout=stdout, whole=_consolidated(two / rundir.CHECKPOINT_DIR, tmp))
+    return dict(tmp=tmp, two=two, one=one, stdout=stdout, whole=_consolidated(two / rundir.CHECKPOINT_DIR, tmp),
+                killed=killed, workers=workers)
 
 
 @end_to_end
@@ -351,13 +357,10 @@ def test_fsdp_evaluation_is_the_one_process_evaluation_of_the_same_weights(fsdp_
 
 @pytest.fixture(scope="module")
 def resumed(fsdp_runs, tmp_path_factory):
-    """An --fsdp job killed whole (SIGKILL to torchrun and both ranks) after its first checkpoint,
-    then resumed on 2 ranks under torchrun and, from a copy, on 1 process in this one (meanwhile)."""
-    tmp = tmp_path_factory.mktemp("fsdp-killed")
-    killed, onto_one = tmp / "killed", tmp / "onto-one"
-    proc = _torchrun(*FLAGS, "--fsdp", "--out", str(killed), data_dir=fsdp_runs["tmp"] / "data")
-    _wait_for(killed / rundir.CHECKPOINT_DIR, [proc])
-    workers = _kill_job(proc)
+    """The killed --fsdp job resumed on 2 ranks under torchrun and, from a copy, on 1 process in
+    this one (meanwhile)."""
+    tmp = tmp_path_factory.mktemp("fsdp-resumed")
+    killed, workers, onto_one = fsdp_runs["killed"], fsdp_runs["workers"], tmp / "onto-one"
     assert sorted(workers) == [0, 1]
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers.values()) and time.monotonic() < deadline:
