@@ -44,7 +44,7 @@ def _train(*argv):
 # ---------------------------------------------------------------- models
 
 
-@pytest.mark.parametrize("arch", ["tv-resnet18", "tv-vit", "resnet18"])
+@pytest.mark.parametrize("arch", ["tv-resnet18", "tv-vit", "resnet18", "cnn"])
 def test_image_models_take_the_28x28_grayscale_datasets(arch):
     pytest.importorskip("torchvision")
     model = build_model(arch, DATASETS["fashion-mnist"])

@@ -151,6 +151,6 @@ def test_fcn_shape_out_of_range_is_a_usage_error(depth, width):
 
 
 def test_unknown_arch_is_a_usage_error():
-    with pytest.raises(UsageError, match="fcn, vgg, resnet18, resnet50, tv-resnet18, tv-vit, charlm, charlm-tied"):
+    with pytest.raises(UsageError, match="fcn, cnn, vgg, resnet18, resnet50, tv-resnet18, tv-vit, charlm, charlm-tied"):
         build_model("transformer", DATASETS["cifar10"])
-    assert ARCHS == ("fcn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")
+    assert ARCHS == ("fcn", "cnn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")

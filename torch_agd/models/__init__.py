@@ -1,6 +1,6 @@
 """The networks, by name: ``build_model(arch, info, depth=..., width=...)``.
 
-The paper's networks (fcn, vgg, resnet18, resnet50) are bias-free and their BatchNorms have no
+The paper's networks (fcn, vgg, resnet18, resnet50), and a small CNN in their style (cnn), are bias-free and their BatchNorms have no
 affine parameters, as the paper's are; the (arch, dataset) pairs are the ones the published code
 defines, plus the CIFAR ResNet-18 on the 28x28 grayscale datasets (its stem takes one channel
 there), which train offline. The others are models nobody here wrote, for AGD(model) on the
@@ -14,14 +14,14 @@ from torch import nn
 
 from torch_agd.errors import UsageError
 
-ARCHS = ("fcn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")
+ARCHS = ("fcn", "cnn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")
 PAPER_ARCHS = ("fcn", "vgg", "resnet18", "resnet50")
 
 _CIFAR = ("cifar10", "cifar100")
 _IMAGES = ("mnist", "fashion-mnist") + _CIFAR
 _TEXT = ("stdlib", "text")
 # arch -> datasets it is defined for (None: every image dataset).
-_DEFINED_FOR = {"fcn": None, "vgg": _CIFAR, "resnet18": _IMAGES, "resnet50": _CIFAR + ("imagenet",),
+_DEFINED_FOR = {"fcn": None, "cnn": _IMAGES, "vgg": _CIFAR, "resnet18": _IMAGES, "resnet50": _CIFAR + ("imagenet",),
                 "tv-resnet18": _IMAGES + ("imagenet",), "tv-vit": _IMAGES, "charlm": _TEXT, "charlm-tied": _TEXT}
 
 
@@ -50,6 +50,10 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
         for size in info.in_shape:
             in_features *= size
         return FCN(in_features, info.num_classes, depth=depth, width=width)
+    if arch == "cnn":
+        from torch_agd.models.cnn import small_cnn
+
+        return small_cnn(info)
     if arch in ("tv-resnet18", "tv-vit"):
         from torch_agd.models import vision
 

@@ -32,6 +32,7 @@ FLAGS: dict[str, tuple] = {
                              "weight tensor, the paper's count) or a number; default weights for the paper's "
                              "networks (fcn, vgg, resnet18, resnet50), auto for the others"),
     "momentum": (float, 0.0, "AGD's momentum (0: the paper's rule)"),
+    "momentum_form": (str, "nesterov", "how AGD uses its momentum: nesterov or heavy-ball"),
     "train_bs": (int, 128, "global training batch size, split over processes"),
     "test_bs": (int, 128, "global evaluation batch size"),
     "epochs": (int, 200, "epochs to train"),
@@ -48,10 +49,11 @@ FLAGS: dict[str, tuple] = {
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
-CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS}
+CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
+           "momentum_form": ("nesterov", "heavy-ball")}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
-SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights"}
+SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
 MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
 TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
 
@@ -101,8 +103,9 @@ def _check_new(config: dict, given: dict) -> None:
     for flag in ("gain", "agd_depth", "momentum"):
         if flag in given and not agd:
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {config['optimizer']} takes --lr")
-    if "momentum" in given and config["optimizer"] != "agd":
-        raise UsageError("--momentum only applies to --optimizer agd")
+    for flag in ("momentum", "momentum_form"):
+        if flag in given and config["optimizer"] != "agd":
+            raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
     agd_depth(config["agd_depth"])
     if config["dataset"] == "text" and config["data_dir"] is None:
         raise UsageError("--dataset text needs --data-dir FILE (a UTF-8 text file) or a directory of text files")

@@ -153,9 +153,11 @@ def agd_depth(depth: str | int | None):
 
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
-                    depth: str | int | None = "weights", momentum: float = 0.0) -> Optimizer:
+                    depth: str | int | None = "weights", momentum: float = 0.0,
+                    momentum_form: str = "nesterov") -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means the default.
-    ``depth`` (AGD's L: "auto", "weights" or an integer) and ``momentum`` apply to AGD.
+    ``depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``momentum_form``
+    ("nesterov" or "heavy-ball") apply to AGD.
 
     For "agd" this re-initialises ``model``'s weights, so build it before loading a checkpoint
     and before wrapping the model in DistributedDataParallel.
@@ -170,7 +172,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
         from torch_agd import AGD, init_weights_
 
         init_weights_(model)
-        return AGD(model, gain=gain, depth=agd_depth(depth), momentum=momentum)
+        return AGD(model, gain=gain, depth=agd_depth(depth), momentum=momentum,
+                   nesterov=momentum_form == "nesterov")
     check_lr(name, lr)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["adam"] if lr is None else lr)

@@ -221,7 +221,8 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     torch.manual_seed(config["seed"])
     model = build_model(config["arch"], info, depth=config["depth"], width=config["width"])
     optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"],
-                                depth=config["agd_depth"], momentum=config["momentum"])
+                                depth=config["agd_depth"], momentum=config["momentum"],
+                                momentum_form=config["momentum_form"])
     model.to(env.device)
 
     # One process per machine downloads (the data dir may be local to each node); the others
