@@ -111,3 +111,29 @@ def reference_step(weights, grads, gain=1.0, depth=None):
                 w[idx] -= gain * (eta / L) * s_of(w.shape) * gm / norm
         new.append(w)
     return new, eta
+
+
+def reference_momentum_steps(weights, grad_steps, momentum, nesterov=True, depth=None):
+    """Weights after one step per entry of ``grad_steps`` (a list of gradient lists), with a
+    buffer m <- beta m + g per tensor: the blocks of g + beta m (Nesterov) or of m (heavy ball)
+    are normalised; G and eta come from g. A step whose G is not finite leaves the weights and
+    clears the buffers."""
+    weights = [w.detach().double().clone() for w in weights]
+    bufs = [torch.zeros_like(w) for w in weights]
+    L = len(weights) if depth is None else depth
+    for grads in grad_steps:
+        grads = [g.double() for g in grads]
+        G = sum(s_of(w.shape) * torch.linalg.norm(g[idx]).item() for w, g in zip(weights, grads)
+                for idx in submatrices(g)) / L
+        if not math.isfinite(G):
+            bufs = [torch.zeros_like(w) for w in weights]
+            continue
+        eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+        bufs = [momentum * m + g for m, g in zip(bufs, grads)]
+        dirs = [g + momentum * m for g, m in zip(grads, bufs)] if nesterov else bufs
+        for w, d in zip(weights, dirs):
+            for idx in submatrices(d):
+                norm = torch.linalg.norm(d[idx]).item()
+                if norm > 0:
+                    w[idx] -= (eta / L) * s_of(w.shape) * d[idx] / norm
+    return weights

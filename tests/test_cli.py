@@ -98,9 +98,9 @@ def _run(argv, **kwargs):
 @pytest.mark.slow
 @pytest.mark.parametrize("entry", [["main.py"], ["-m", "torch_agd", "train"]])
 def test_entry_points_print_errors_without_a_traceback(entry):
-    result = _run([*entry, "--arch", "resnet18", "--dataset", "fashion-mnist"])
+    result = _run([*entry, "--arch", "resnet50", "--dataset", "fashion-mnist"])
     assert result.returncode == 2
-    assert result.stderr.startswith("agd: error: --arch resnet18 is not defined")
+    assert result.stderr.startswith("agd: error: --arch resnet50 is not defined")
     assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1
 
 

@@ -134,7 +134,7 @@ def test_preact_blocks_add_the_input_or_a_1x1_conv_of_the_activated_input():
 
 
 @pytest.mark.parametrize("arch, dataset", [
-    ("vgg", "mnist"), ("resnet18", "fashion-mnist"), ("resnet50", "mnist"),
+    ("vgg", "mnist"), ("resnet50", "fashion-mnist"), ("resnet50", "mnist"), ("tv-vit", "stdlib"),
     ("vgg", "imagenet"), ("resnet18", "imagenet"),
 ])
 def test_combination_the_paper_does_not_define_is_a_one_line_usage_error(arch, dataset):
@@ -151,6 +151,6 @@ def test_fcn_shape_out_of_range_is_a_usage_error(depth, width):
 
 
 def test_unknown_arch_is_a_usage_error():
-    with pytest.raises(UsageError, match="fcn, vgg, resnet18, resnet50"):
+    with pytest.raises(UsageError, match="fcn, cnn, vgg, resnet18, resnet50, tv-resnet18, tv-vit, charlm, charlm-tied"):
         build_model("transformer", DATASETS["cifar10"])
-    assert ARCHS == ("fcn", "vgg", "resnet18", "resnet50")
+    assert ARCHS == ("fcn", "cnn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")

@@ -196,11 +196,13 @@ def test_depth_counts_layers_in_series():
     assert AGD(torchvision.models.resnet18(num_classes=10), depth="weights").depth == 21
     vit = torchvision.models.VisionTransformer(image_size=28, patch_size=7, num_layers=3, num_heads=2,
                                                hidden_dim=8, mlp_dim=16, num_classes=10)
-    assert AGD(vit).depth == 1 + 3 + 1  # patch embedding, blocks, head
+    assert AGD(vit).depth == 1 + 2 * 3 + 1  # patch embedding, attention and MLP of each block, head
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     lm = nn.ModuleDict(dict(embed=nn.Embedding(10, 8), blocks=nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
                             head=nn.Linear(8, 10)))
-    assert AGD(lm).depth == 1 + 2 + 1
+    assert AGD(lm).depth == 1 + 2 * 2 + 1
+    decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16), 2)
+    assert AGD(decoder).depth == 3 * 2
     # networks without residual blocks keep the paper's count
     assert AGD(build_model("fcn", DATASETS["mnist"], depth=6, width=8)).depth == 6
     assert AGD(build_model("vgg", cifar)).depth == 14
@@ -221,6 +223,14 @@ def test_repeated_blocks_count_once_each():
     model = nn.Sequential(nn.Linear(3, 4), *[Block() for _ in range(5)], nn.Linear(4, 2))
     assert AGD(model).depth == 7
     assert AGD(model, depth="weights").depth == 12
+
+    class AttentionBlock(nn.Module):  # a transformer block of one's own: attention and MLP branches
+        def __init__(self):
+            super().__init__()
+            self.attn, self.mlp = nn.MultiheadAttention(4, 2), nn.Linear(4, 4)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ModuleList([AttentionBlock() for _ in range(3)]), nn.Linear(4, 2))
+    assert AGD(model).depth == 1 + 2 * 3 + 1
 
 
 # ---------------------------------------------------------------- initialisation

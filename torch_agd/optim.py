@@ -7,8 +7,9 @@ one per kernel position, ...), with gradients g of a mean-reduced loss and depth
     eta = log((1 + sqrt(1 + 4 G)) / 2)
     B  <- B - lr * gain * (eta / L) * s(B) * g(B) / ||g(B)||_F
 
-With momentum beta > 0 the last line normalises a heavy-ball buffer m <- beta * m + g instead of
-g; G and eta still come from g. Two functional implementations follow torch.optim's layout:
+With momentum beta > 0 the last line normalises g + beta * m, for a buffer m <- beta * m + g
+(Nesterov's form; heavy ball, m itself, with nesterov=False), instead of g; G and eta still come
+from g. Two functional implementations follow torch.optim's layout:
 `_single_tensor_agd` reads like the formulas; `_multi_tensor_agd` batches the same arithmetic
 (one flat vector of block norms, foreach ops, layouts worked out once in layout.py). Neither
 reads a GPU value on the host: eta, the step count and the count of skipped (non-finite) steps
@@ -171,6 +172,8 @@ def _check_group(group: dict, where: str) -> None:
     beta = group["momentum"]
     if isinstance(beta, bool) or not (isinstance(beta, Real) and 0 <= beta < 1):
         raise UsageError(f"AGD momentum{where} must be in [0, 1), got {beta!r}")
+    if not isinstance(group["nesterov"], bool):
+        raise UsageError(f"AGD nesterov{where} must be True or False, got {group['nesterov']!r}")
     depth = group["depth"]
     if not (depth is None or depth == "weights" or isinstance(depth, int) and not isinstance(depth, bool) and depth > 0):
         raise UsageError(f"AGD depth{where} must be a positive integer, 'weights' or None, got {depth!r}")
@@ -204,8 +207,10 @@ class AGD(Optimizer):
         depth: L in the paper. None: for a module, the layers in series along its residual
             path (rules.infer_depth), else the number of weight tensors; "weights": the
             number of weight tensors (the paper's count); or a positive integer.
-        momentum: beta of a heavy-ball buffer m <- beta * m + g whose blocks are normalised in
-            place of g's (0, the default, is the paper's rule and keeps no state).
+        momentum: beta of a buffer m <- beta * m + g (0, the default, is the paper's rule and
+            keeps no state). The blocks of g + beta * m (Nesterov) are normalised in place of g's;
+            G and eta still come from g alone.
+        nesterov: False normalises m itself (heavy ball) instead of g + beta * m.
         maximize: ascend instead of descend.
         foreach: the batched implementation (default True on every device).
 
@@ -217,11 +222,12 @@ class AGD(Optimizer):
     """
 
     def __init__(self, params, lr: float | Tensor = 1.0, *, gain: float = 1.0, depth: int | str | None = None,
-                 momentum: float = 0.0, maximize: bool = False, foreach: bool | None = None):
+                 momentum: float = 0.0, nesterov: bool = True, maximize: bool = False, foreach: bool | None = None):
         module = params if isinstance(params, nn.Module) else None
         if module is not None:
             params = rules.module_param_groups(module)
-        defaults = dict(lr=lr, gain=gain, depth=depth, momentum=momentum, maximize=maximize, foreach=foreach)
+        defaults = dict(lr=lr, gain=gain, depth=depth, momentum=momentum, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach)
         _check_group(defaults, "")
         self._constructing = True
         super().__init__(params, defaults)
@@ -316,6 +322,8 @@ class AGD(Optimizer):
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._constructing = False
+        for group in self.param_groups:  # groups saved before a flag existed run as its default did
+            group.setdefault("nesterov", True)
         # load_state_dict casts every floating-point state tensor it loads to its parameter's dtype
         # (for momentum buffers) and so turns the counters into floats: they are counts again.
         first = self.state.get(self.param_groups[0]["params"][0]) if self.param_groups else None
@@ -356,7 +364,7 @@ class AGD(Optimizer):
                         buf = state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     buf.mul_(beta).add_(g)
                     momentum_groups.append(buf)
-                    d = buf
+                    d = g.add(buf, alpha=beta) if group["nesterov"] else buf
                 for b, base, rows in structure[id(p)]:
                     w_, g_, d_ = p, g, d
                     r0, n, contributes = 0, b.rows, True

@@ -27,7 +27,7 @@ positions: it joins each position's block and moves by the sum of their factors.
 layer weight is not trained by the same optimizer is a slot of its own (the raw rule).
 
 L, in the paper, is the number of weight tensors. For a residual network AGD(model) instead
-counts the layers in series along the residual path (see `infer_depth`).
+counts the layers in series along the residual path, one per residual branch (`infer_depth`).
 """
 from __future__ import annotations
 
@@ -262,15 +262,26 @@ def assign_blocks(named: list[tuple[str, torch.Tensor, str, int]]) -> tuple[dict
 # ---------------------------------------------------------------- depth
 
 
-# Residual blocks by class name: each is one layer in series, whatever it holds. Repeated blocks
-# in an nn.Sequential / nn.ModuleList are recognised without a name (see infer_depth).
-RESIDUAL_BLOCKS = frozenset({
-    "BasicBlock", "Bottleneck",                                  # torchvision ResNets
-    "EncoderBlock",                                              # torchvision ViT
-    "TransformerEncoderLayer", "TransformerDecoderLayer",        # torch.nn
-    "PreActBlock", "PreActBottleneck",                           # this project's CIFAR ResNets
-    "GPT2Block", "BertLayer", "LlamaDecoderLayer", "ViTLayer",   # Hugging Face transformers
-})
+# Residual blocks by class name, with the number of residual branches each adds to its input:
+# one per ResNet block; two per transformer layer (attention, then the MLP), three per decoder
+# layer (self-attention, cross-attention, MLP).
+RESIDUAL_BLOCKS = {
+    "BasicBlock": 1, "Bottleneck": 1,                            # torchvision ResNets
+    "PreActBlock": 1, "PreActBottleneck": 1,                     # this project's CIFAR ResNets
+    "EncoderBlock": 2,                                           # torchvision ViT
+    "TransformerEncoderLayer": 2, "TransformerDecoderLayer": 3,  # torch.nn
+    "GPT2Block": 2, "BertLayer": 2, "LlamaDecoderLayer": 2, "ViTLayer": 2,  # Hugging Face
+}
+
+
+def _is_attention(module: nn.Module) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith(("Attention", "SelfAttention"))
+
+
+def _branches(block: nn.Module) -> int:
+    """Residual branches of a block found by repetition: two if it holds an attention (an
+    attention branch and an MLP branch, as transformer blocks have), else one."""
+    return 2 if any(_is_attention(m) for m in block.modules()) else 1
 
 
 def _layer_tensors(module: nn.Module, layer_ids: set[int]) -> int:
@@ -280,33 +291,32 @@ def _layer_tensors(module: nn.Module, layer_ids: set[int]) -> int:
 def infer_depth(module: nn.Module, layer_ids: set[int]) -> int:
     """L for ``module``: the layers in series along its residual path.
 
-    A residual block counts once however many weights it holds: a module whose class is in
-    RESIDUAL_BLOCKS, or one of two or more modules of the same class side by side in an
-    nn.Sequential / nn.ModuleList, each holding two or more layer tensors (repeated blocks).
-    Every layer tensor (``layer_ids``: weights, embeddings) outside such blocks counts once,
-    as in the paper. For a network without residual blocks this is the paper's count.
+    Each residual branch is one layer in series, however many weights it holds: a block whose
+    class is in RESIDUAL_BLOCKS counts its branches; so does one of two or more modules of the
+    same class side by side in an nn.Sequential / nn.ModuleList that each hold two or more
+    layer tensors (repeated blocks: two branches if they hold an attention, else one). Every
+    layer tensor (``layer_ids``: weights, embeddings) outside such blocks counts once, as in the
+    paper, so a network without residual blocks keeps the paper's count.
     """
     depth, inside = 0, set()
 
     def visit(mod: nn.Module) -> None:
         nonlocal depth
         children = list(mod.children())
-        repeated = isinstance(mod, (nn.Sequential, nn.ModuleList)) and children
-        counts = {}
-        if repeated:
+        counts: dict[type, int] = {}
+        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
             for c in children:
                 counts[type(c)] = counts.get(type(c), 0) + 1
         for child in children:
-            is_block = type(child).__name__ in RESIDUAL_BLOCKS or (
-                repeated and counts[type(child)] > 1 and _layer_tensors(child, layer_ids) > 1)
-            if is_block:
+            name = type(child).__name__
+            repeated = counts.get(type(child), 0) > 1 and _layer_tensors(child, layer_ids) > 1
+            if name in RESIDUAL_BLOCKS or repeated:
                 held = {id(p) for p in child.parameters() if id(p) in layer_ids} - inside
                 if held:
-                    depth += 1
+                    depth += RESIDUAL_BLOCKS.get(name) or _branches(child)
                     inside.update(held)
             else:
                 visit(child)
 
     visit(module)
-    seen_outside = {i for i in layer_ids if i not in inside}
-    return depth + len(seen_outside)
+    return depth + len(set(layer_ids) - inside)

@@ -19,7 +19,7 @@ import torch
 from ..errors import UsageError
 from .loader import Split, TensorSplit
 
-__all__ = ["DATASETS", "Data", "DatasetInfo", "Split", "default_data_dir", "load_data"]
+__all__ = ["DATASETS", "TEXT", "Data", "DatasetInfo", "Split", "default_data_dir", "load_data"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,11 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), **_CIFAR),
     "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224),
                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
+    # Text as bytes (data/text.py): a "class" is the next byte, an input a window of bytes.
+    "stdlib": DatasetInfo("stdlib", 256, (128,), mean=(), std=()),
+    "text": DatasetInfo("text", 256, (128,), mean=(), std=()),
 }
+TEXT = ("stdlib", "text")
 
 
 @dataclass
@@ -80,6 +84,13 @@ def load_data(name: str, data_dir: str | Path | None = None, device: torch.devic
         # A subset tree (ImageNet-100, a test tree) gets a head of the right size.
         info = dataclasses.replace(info, num_classes=len(classes))
         return Data(info, train, test)
+    if name in TEXT:
+        from .text import TextSplit, load_text
+
+        train, val, _ = load_text(name, root)
+        context = info.in_shape[0]
+        return Data(info, TextSplit(train, train=True, context=context, device=device),
+                    TextSplit(val, train=False, context=context, device=device))
     if name in ("mnist", "fashion-mnist"):
         from .mnist import load_idx_dataset as load
     else:

@@ -1,9 +1,11 @@
-"""The paper's networks, by name: ``build_model(arch, info, depth=..., width=...)``.
+"""The networks, by name: ``build_model(arch, info, depth=..., width=...)``.
 
-Every network is bias-free and its BatchNorms have no affine parameters, so every
-parameter is a >=2-D weight that AGD has a rule for. The (arch, dataset) pairs are
-the ones the published code defines: the fully-connected network on any dataset,
-the convolutional networks on CIFAR, and ResNet-50 in torchvision's layout on ImageNet.
+The paper's networks (fcn, vgg, resnet18, resnet50), and a small CNN in their style (cnn), are bias-free and their BatchNorms have no
+affine parameters, as the paper's are; the (arch, dataset) pairs are the ones the published code
+defines, plus the CIFAR ResNet-18 on the 28x28 grayscale datasets (its stem takes one channel
+there), which train offline. The others are models nobody here wrote, for AGD(model) on the
+models people have: torchvision's ResNet-18 and a small VisionTransformer (models/vision.py) on
+images, and a character-level transformer LM (models/charlm.py) on text.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ from torch import nn
 
 from torch_agd.errors import UsageError
 
-ARCHS = ("fcn", "vgg", "resnet18", "resnet50")
+ARCHS = ("fcn", "cnn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")
+PAPER_ARCHS = ("fcn", "vgg", "resnet18", "resnet50")
 
 _CIFAR = ("cifar10", "cifar100")
-# arch -> datasets it is defined for (None: every dataset).
-_DEFINED_FOR = {"fcn": None, "vgg": _CIFAR, "resnet18": _CIFAR, "resnet50": _CIFAR + ("imagenet",)}
+_IMAGES = ("mnist", "fashion-mnist") + _CIFAR
+_TEXT = ("stdlib", "text")
+# arch -> datasets it is defined for (None: every image dataset).
+_DEFINED_FOR = {"fcn": None, "cnn": _IMAGES, "vgg": _CIFAR, "resnet18": _IMAGES, "resnet50": _CIFAR + ("imagenet",),
+                "tv-resnet18": _IMAGES + ("imagenet",), "tv-vit": _IMAGES, "charlm": _TEXT, "charlm-tied": _TEXT}
 
 
 def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Module:
@@ -28,11 +34,11 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
     if arch not in ARCHS:
         raise UsageError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
     datasets = _DEFINED_FOR[arch]
-    if datasets is not None and info.name not in datasets:
-        raise UsageError(
-            f"--arch {arch} is not defined for --dataset {info.name} (the paper uses it on "
-            f"{', '.join(datasets)}); use --arch fcn for {info.name}"
-        )
+    if datasets is None and info.name in _TEXT or datasets is not None and info.name not in datasets:
+        datasets = datasets or _IMAGES + ("imagenet",)
+        instead = "charlm" if info.name in _TEXT else "fcn"
+        raise UsageError(f"--arch {arch} is not defined for --dataset {info.name} (it takes "
+                         f"{', '.join(datasets)}); use --arch {instead} for {info.name}")
     if arch == "fcn":
         from torch_agd.models.fcn import FCN
 
@@ -44,6 +50,18 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
         for size in info.in_shape:
             in_features *= size
         return FCN(in_features, info.num_classes, depth=depth, width=width)
+    if arch == "cnn":
+        from torch_agd.models.cnn import small_cnn
+
+        return small_cnn(info)
+    if arch in ("tv-resnet18", "tv-vit"):
+        from torch_agd.models import vision
+
+        return (vision.tv_resnet18 if arch == "tv-resnet18" else vision.tv_vit)(info)
+    if arch.startswith("charlm"):
+        from torch_agd.models.charlm import CharLM
+
+        return CharLM(info.num_classes, context=info.in_shape[0], tied=arch == "charlm-tied")
     if arch == "vgg":
         from torch_agd.models.vgg import vgg16
 
@@ -54,7 +72,7 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
         return resnet50_imagenet(info.num_classes)
     from torch_agd.models.resnet import preact_resnet18, preact_resnet50
 
-    return (preact_resnet18 if arch == "resnet18" else preact_resnet50)(info.num_classes)
+    return (preact_resnet18 if arch == "resnet18" else preact_resnet50)(info.num_classes, info.in_shape[0])
 
 
-__all__ = ["ARCHS", "build_model"]
+__all__ = ["ARCHS", "PAPER_ARCHS", "build_model"]

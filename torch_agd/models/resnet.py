@@ -86,9 +86,10 @@ class PreActBottleneck(_PreAct):
 
 
 class PreActResNet(nn.Module):
-    def __init__(self, block: type[nn.Module], blocks_per_stage: tuple[int, ...], num_classes: int):
+    def __init__(self, block: type[nn.Module], blocks_per_stage: tuple[int, ...], num_classes: int,
+                 in_channels: int = 3):
         super().__init__()
-        self.conv1 = _conv(3, 64, 3)
+        self.conv1 = _conv(in_channels, 64, 3)
         d_in = 64
         stages = []
         for i, (planes, num_blocks) in enumerate(zip((64, 128, 256, 512), blocks_per_stage)):
@@ -99,7 +100,7 @@ class PreActResNet(nn.Module):
                 d_in = planes * block.expansion
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
-        self.pool = nn.AvgPool2d(4)  # 32x32 input -> 4x4 after three stride-2 stages
+        self.pool = nn.AvgPool2d(4)  # 32x32 (or 28x28) input -> 4x4 after three stride-2 stages
         self.linear = nn.Linear(d_in, num_classes, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,12 +109,12 @@ class PreActResNet(nn.Module):
         return self.linear(self.pool(out).flatten(1))
 
 
-def preact_resnet18(num_classes: int) -> PreActResNet:
-    return PreActResNet(PreActBlock, (2, 2, 2, 2), num_classes)
+def preact_resnet18(num_classes: int, in_channels: int = 3) -> PreActResNet:
+    return PreActResNet(PreActBlock, (2, 2, 2, 2), num_classes, in_channels)
 
 
-def preact_resnet50(num_classes: int) -> PreActResNet:
-    return PreActResNet(PreActBottleneck, (3, 4, 6, 3), num_classes)
+def preact_resnet50(num_classes: int, in_channels: int = 3) -> PreActResNet:
+    return PreActResNet(PreActBottleneck, (3, 4, 6, 3), num_classes, in_channels)
 
 
 # ---------------------------------------------------------------- ImageNet, torchvision layout

@@ -8,27 +8,37 @@ import json
 import time
 from pathlib import Path
 
-from torch_agd.data import DATASETS
+from torch_agd.data import DATASETS, TEXT
 from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
-from torch_agd.models import ARCHS
+from torch_agd.models import ARCHS, PAPER_ARCHS
 from torch_agd.train import rundir
 from torch_agd.train.fsdp import OPTIMIZERS as SHARDABLE
 from torch_agd.train.loop import LOSSES
-from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS
+from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS, agd_depth
 
 # dest: (type, default, help). Defaults are applied after parsing (argparse sees None), so
 # that --resume can tell the flags a user typed from the ones left at their defaults.
 FLAGS: dict[str, tuple] = {
     "arch": (str, "fcn", "network: " + ", ".join(ARCHS)),
     "dataset": (str, "cifar10", "dataset: " + ", ".join(DATASETS)),
-    "loss": (str, "mse", "mse (the paper's square loss) or xent (cross-entropy)"),
-    "optimizer": (str, "agd", "agd, the baselines adam and sgd, or a peer: " + ", ".join(OPTIMIZERS[3:])),
-    "lr": (float, None, "learning rate of a baseline or peer (adam 1e-3, sgd 0.1, peers their own); not for agd"),
+    "loss": (str, None, "mse (the paper's square loss; the default for images) or xent (cross-entropy; "
+                        "the default for text)"),
+    "optimizer": (str, "agd", "agd, the baselines adam, adamw and sgd, agd+adamw (AGD on the weight matrices, "
+                              "AdamW on the rest), or a peer: " + ", ".join(OPTIMIZERS[5:])),
+    "lr": (float, None, "learning rate of a baseline or peer (adam and adamw 1e-3, sgd 0.1, peers their own); "
+                        "not for agd"),
     "gain": (float, 1.0, "AGD's gain, its only knob (the paper suggests trying 10)"),
+    "agd_depth": (str, None, "AGD's depth L: auto (layers in series along the residual path), weights (one per "
+                             "weight tensor, the paper's count) or a number; default weights for the paper's "
+                             "networks (fcn, vgg, resnet18, resnet50), auto for the others"),
+    "momentum": (float, 0.0, "AGD's momentum (0: the paper's rule)"),
+    "momentum_form": (str, "nesterov", "how AGD uses its momentum: nesterov or heavy-ball"),
     "train_bs": (int, 128, "global training batch size, split over processes"),
     "test_bs": (int, 128, "global evaluation batch size"),
     "epochs": (int, 200, "epochs to train"),
+    "steps": (int, None, "train for this many optimizer steps instead of --epochs (evaluation and checkpoints "
+                         "still come at the end of every epoch, and after the last step)"),
     "depth": (int, 10, "number of layers of the fcn (other networks ignore it)"),
     "width": (int, 256, "hidden width of the fcn (other networks ignore it)"),
     "seed": (int, 0, "seed of the initial weights and of each epoch's data order and augmentation"),
@@ -41,9 +51,11 @@ FLAGS: dict[str, tuple] = {
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
-CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS}
+CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
+           "momentum_form": ("nesterov", "heavy-ball")}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
+SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
 MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
 TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
 
@@ -53,7 +65,7 @@ def _flag(dest: str) -> str:
     return "--" + (dest if dest in ("train_bs", "test_bs") else dest.replace("_", "-"))
 
 
-_METAVARS = {"data_dir": "DIR", "out": "DIR"}
+_METAVARS = {"data_dir": "DIR", "out": "DIR", "agd_depth": "L"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +96,21 @@ def _check_new(config: dict, given: dict) -> None:
     by build_optimizer; each rule has one owner, the code that uses the value."""
     if config["epochs"] < 1:
         raise UsageError(f"{_flag('epochs')} must be at least 1, got {config['epochs']}")
+    if config["steps"] is not None and config["steps"] < 1:
+        raise UsageError(f"--steps must be at least 1, got {config['steps']}")
+    if "steps" in given and "epochs" in given:
+        raise UsageError("give --epochs or --steps, not both")
     check_workers(config["workers"])
-    if config["optimizer"] != "agd" and "gain" in given:
-        raise UsageError(f"--gain only applies to --optimizer agd; {config['optimizer']} takes --lr")
+    agd = config["optimizer"] in ("agd", "agd+adamw")
+    for flag in ("gain", "agd_depth", "momentum"):
+        if flag in given and not agd:
+            raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {config['optimizer']} takes --lr")
+    for flag in ("momentum", "momentum_form"):
+        if flag in given and config["optimizer"] != "agd":
+            raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
+    agd_depth(config["agd_depth"])
+    if config["dataset"] == "text" and config["data_dir"] is None:
+        raise UsageError("--dataset text needs --data-dir FILE (a UTF-8 text file) or a directory of text files")
 
 
 def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
@@ -99,17 +123,22 @@ def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
         if not path.is_file():
             raise UsageError(f"nothing to resume: {path} does not exist (start the run without --resume)")
         saved = json.loads(path.read_text())
-        differ = [f"{_flag(k)} {v} (the run has {saved.get(k, FLAGS[k][1])})" for k, v in given.items()
-                  if k not in MAY_CHANGE_ON_RESUME and saved.get(k, FLAGS[k][1]) != v]
+        # A run saved before a flag existed ran as that flag's default does.
+        config = {k: saved.get(k, SAVED_BEFORE.get(k, FLAGS[k][1])) for k in FLAGS}
+        differ = [f"{_flag(k)} {v} (the run has {config[k]})" for k, v in given.items()
+                  if k not in MAY_CHANGE_ON_RESUME and config[k] != v]
         if differ:
             raise UsageError(f"--resume: flags differ from {path}: {', '.join(differ)}; "
                              "drop them to continue the run as it was started")
-        config = {k: saved.get(k, FLAGS[k][1]) for k in FLAGS}
         config.update({k: given[k] for k in MAY_CHANGE_ON_RESUME if k in given})
         return config, True
     config = {k: given.get(k, default) for k, (_, default, _) in FLAGS.items()}
     if config["lr"] is None:
         config["lr"] = DEFAULT_LR.get(config["optimizer"])
+    if config["loss"] is None:
+        config["loss"] = "xent" if config["dataset"] in TEXT else "mse"
+    if config["agd_depth"] is None:
+        config["agd_depth"] = "weights" if config["arch"] in PAPER_ARCHS else "auto"
     _check_new(config, given)
     return config, False
 

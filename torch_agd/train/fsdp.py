@@ -37,8 +37,9 @@ from torch_agd.train import rundir
 from torch_agd.train.dist import DistEnv
 
 # Optimizers that step DTensor shards correctly. The peers are refused: Prodigy and D-Adaptation
-# flatten whole parameters, which DTensor cannot do for shards of unequal length.
-OPTIMIZERS = ("agd", "adam", "sgd")
+# flatten whole parameters, which DTensor cannot do for shards of unequal length; so is agd+adamw
+# for now: two optimizers in one, where save_checkpoint saves one.
+OPTIMIZERS = ("agd", "adam", "adamw", "sgd")
 
 # Inside DIR/checkpoint/: what is not a tensor (epoch, metrics, RNG state), from rank 0.
 TRAIN_STATE = "train_state.pt"

@@ -36,6 +36,14 @@ def _autocast(device: torch.device, amp: bool):
     return torch.autocast(device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
+def _per_target(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """A language model predicts every position: (B, T, C) logits and (B, T) targets become
+    B*T predictions, so the loss is the mean over every predicted byte and count is their number."""
+    if logits.dim() > 2:
+        return logits.flatten(0, -2), y.flatten()
+    return logits, y
+
+
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
                 *, loss_fn, device: torch.device, amp: bool = False) -> dict[str, Tensor]:
     """Train on every batch once. Returns device tensors (no sync): loss_sum, correct, count
@@ -49,7 +57,7 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, amp):
-            logits = model(x)
+            logits, y = _per_target(model(x), y)
         loss = loss_fn(logits.float(), y)
         loss.backward()
         optimizer.step()
@@ -81,7 +89,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *, loss
     totals = torch.zeros(3, dtype=torch.float64, device=device)
     for x, y in batches:
         with _autocast(device, amp):
-            logits = model(x)
+            logits, y = _per_target(model(x), y)
         loss = loss_fn(logits.float(), y)
         totals[0] += loss * y.shape[0]
         totals[1] += (logits.argmax(dim=1) == y).sum()

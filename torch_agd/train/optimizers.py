@@ -34,8 +34,10 @@ from torch_agd.errors import UsageError
 
 PIP_HINT = 'pip install "torch-agd[peers]"'
 
-# The paper's baselines at PyTorch's usual defaults (SGD has none; 0.1 is the paper's).
-DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1}
+# The paper's baselines at PyTorch's usual defaults (SGD has none; 0.1 is the paper's), and
+# AdamW with weight decay 0.01, the baseline for models with biases, norms and embeddings.
+DEFAULT_LR = {"adam": 1e-3, "sgd": 0.1, "adamw": 1e-3}
+ADAMW_WEIGHT_DECAY = 0.01
 
 # Peer name -> (module, class, default lr). The default lr is the package's own constructor
 # default (a test checks that), so "published defaults" stays true if a package changes it.
@@ -78,7 +80,7 @@ def _peer(name: str, module: str, cls: str, default_lr: float) -> Builder:
 
 # Peer name -> builder(params, lr=None). Only names: each package loads when its peer is built.
 PEERS: dict[str, Builder] = {name: _peer(name, *spec) for name, spec in PEER_CLASSES.items()}
-OPTIMIZERS = ("agd", "adam", "sgd", *PEERS)
+OPTIMIZERS = ("agd", "adam", "sgd", "adamw", "agd+adamw", *PEERS)
 
 
 def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimizer:
@@ -92,9 +94,70 @@ def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimize
     return builder(params, lr=lr)
 
 
+class AGDWithAdamW:
+    """The fallback users have without AGD's rules for every kind: AGD (the paper's rule and L) on
+    the weight matrices of linear, conv and attention layers, AdamW (lr 1e-3, weight decay 0.01)
+    on everything else, each model parameter keeping its module's own initialisation."""
+
+    def __init__(self, model: nn.Module, gain: float = 1.0):
+        from torch_agd import AGD
+        from torch_agd.rules import module_param_groups
+
+        groups = module_param_groups(model)
+        matrices = [g for g in groups if g["kind"] in ("weight", "attention")]
+        taken = {id(p) for g in matrices for _, p in g["params"]}
+        self.agd = AGD(matrices, gain=gain, depth="weights")
+        rest = [p for p in model.parameters() if id(p) not in taken]
+        self.adamw = torch.optim.AdamW(rest or [torch.zeros(0, requires_grad=True)], lr=DEFAULT_LR["adamw"],
+                                       weight_decay=ADAMW_WEIGHT_DECAY)  # (an empty stand-in: a bias-free net)
+        self.param_groups = self.agd.param_groups + self.adamw.param_groups
+
+    @property
+    def eta(self):
+        return self.agd.eta
+
+    @property
+    def skipped_steps(self):
+        return self.agd.skipped_steps
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.agd.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        loss = self.agd.step(closure)
+        self.adamw.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {"agd": self.agd.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.agd.load_state_dict(state["agd"])
+        self.adamw.load_state_dict(state["adamw"])
+
+
+def agd_depth(depth: str | int | None):
+    """--agd-depth as AGD's depth: "auto" (None: layers in series), "weights" or an integer."""
+    if depth in (None, "auto"):
+        return None
+    if depth == "weights":
+        return "weights"
+    try:
+        value = int(depth)
+    except (TypeError, ValueError):
+        value = 0
+    if value < 1:
+        raise UsageError(f"--agd-depth must be auto, weights or a positive integer, got {depth!r}")
+    return value
+
+
 def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
-                    init: bool = True) -> Optimizer:
+                    depth: str | int | None = "weights", momentum: float = 0.0,
+                    momentum_form: str = "nesterov", init: bool = True) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means the default.
+    ``depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``momentum_form``
+    ("nesterov" or "heavy-ball") apply to AGD.
 
     For "agd" this re-initialises ``model``'s weights, so build it before loading a checkpoint
     and before wrapping the model in DistributedDataParallel or sharding it; ``init=False``
@@ -103,18 +166,23 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
     """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if name == "agd":
+    if name in ("agd", "agd+adamw"):
         if lr is not None:
-            raise UsageError("--lr does not apply to --optimizer agd (AGD sets its own step size); use --gain")
+            raise UsageError(f"--lr does not apply to --optimizer {name} (AGD sets its own step size); use --gain")
+        if name == "agd+adamw":
+            return AGDWithAdamW(model, gain=gain)
         from torch_agd import AGD, init_weights_
 
         if init:
             init_weights_(model)
-        # The paper's L: the number of weight tensors (AGD(model) alone counts residual blocks once).
-        return AGD(model, gain=gain, depth="weights")
+        return AGD(model, gain=gain, depth=agd_depth(depth), momentum=momentum,
+                   nesterov=momentum_form == "nesterov")
     check_lr(name, lr)
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["adam"] if lr is None else lr)
+    if name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR["adamw"] if lr is None else lr,
+                                 weight_decay=ADAMW_WEIGHT_DECAY)
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=DEFAULT_LR["sgd"] if lr is None else lr)
     return build_peer(name, model.parameters(), lr=lr)

@@ -11,6 +11,7 @@ same weights, bit for bit on the CPU, as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -220,11 +221,13 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     # on any device and on every rank; module.to() keeps the Parameter objects the optimizer holds.
     torch.manual_seed(config["seed"])
     model = build_model(config["arch"], info, depth=config["depth"], width=config["width"])
-    optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"])
+    options = dict(lr=config["lr"], gain=config["gain"], depth=config["agd_depth"], momentum=config["momentum"],
+                   momentum_form=config["momentum_form"])
+    optimizer = build_optimizer(config["optimizer"], model, **options)
     model.to(env.device)
     if config["fsdp"]:  # sharding replaces the parameters: the optimizer is built on the shards
         fsdp.shard_model(model, env)
-        optimizer = build_optimizer(config["optimizer"], model, lr=config["lr"], gain=config["gain"], init=False)
+        optimizer = build_optimizer(config["optimizer"], model, **options, init=False)
 
     # One process per machine downloads (the data dir may be local to each node); the others
     # then find the files in place.
@@ -269,7 +272,9 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     eval_model = train_model if not ddp else (torch.compile(model) if config["compile"] else model)
 
     loss_fn = LOSSES[config["loss"]]
-    epochs = config["epochs"]
+    # A step budget is whole epochs and the first steps of one more.
+    per_epoch = data.train.num_batches(config["train_bs"], world_size=env.world_size)
+    epochs = config["epochs"] if config["steps"] is None else -(-config["steps"] // per_epoch)
     reporter = Reporter(env, epochs, start)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
@@ -287,8 +292,9 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
             _switch(optimizer, "train")
             batches = data.train.batches(config["train_bs"], epoch=epoch, seed=config["seed"],
                                          rank=env.rank, world_size=env.world_size)
+            n = per_epoch if config["steps"] is None else min(per_epoch, config["steps"] - epoch * per_epoch)
             stats = train_epoch(train_model, optimizer,
-                                reporter.batches(batches, data.train.num_batches(config["train_bs"]), epoch + 1),
+                                reporter.batches(itertools.islice(batches, n), n, epoch + 1),
                                 loss_fn=loss_fn, device=env.device, amp=config["amp"])
             train = _sync_train(stats, optimizer, env)
             t1 = time.perf_counter()
