@@ -161,23 +161,25 @@ def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts:
 
 
 class UnevenSplit:
-    """A stand-in test split whose ranks hold different numbers of batches (3 on rank 0, 2 on
-    rank 1): what the trainer's evaluation must survive under FSDP."""
+    """A stand-in test split whose ranks hold different numbers of batches: what the trainer's
+    evaluation must survive under FSDP. ``bounds``: rank -> its batches' [start, end) samples."""
 
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def bounds(self, rank):
-        return [(0, 4), (4, 8), (8, 9)] if rank == 0 else [(9, 13), (13, 17)]
+    def __init__(self, x, y, bounds):
+        self.x, self.y, self.bounds = x, y, bounds.get
 
     def num_batches(self, batch_size, *, rank=0, world_size=1):
         return len(self.bounds(rank))
 
-    def batches(self, rank):
+    def batches(self, batch_size, *, rank=0, world_size=1):
         return ((self.x[a:b], self.y[a:b]) for a, b in self.bounds(rank))
 
 
-def run_lockstep(rank: int, world: int, mesh) -> dict:
+# Rank 0 holds 3 batches and rank 1 holds 2; or rank 1 holds none (fewer samples than ranks).
+LOCKSTEP = {"lockstep": {0: [(0, 4), (4, 8), (8, 9)], 1: [(9, 13), (13, 17)]},
+            "lockstep-empty-rank": {0: [(0, 9), (9, 17)], 1: []}}
+
+
+def run_lockstep(rank: int, world: int, mesh, bounds: dict) -> dict:
     """The trainer's evaluation (evaluate over fsdp.in_lockstep) on uneven shards: the summed
     totals against one process evaluating every sample."""
     from torch_agd.train import fsdp
@@ -193,9 +195,9 @@ def run_lockstep(rank: int, world: int, mesh) -> dict:
     fully_shard(model, mesh=mesh)
     g = torch.Generator().manual_seed(7)
     x, y = torch.randn(17, 10, generator=g), torch.randint(0, 3, (17,), generator=g)
-    split = UnevenSplit(x, y)
+    split = UnevenSplit(x, y, bounds)
     env = DistEnv(rank=rank, world_size=world)
-    batches = fsdp.in_lockstep(split.batches(rank), model, split, 0, env, (10,))
+    batches = fsdp.in_lockstep(split.batches(0, rank=rank), model, split, 0, env)
     totals = evaluate(model, batches, loss_fn=nn.functional.cross_entropy, device=torch.device("cpu"))
     dist.all_reduce(totals)
     alone = evaluate(ref, [(x, y)], loss_fn=nn.functional.cross_entropy, device=torch.device("cpu"))
@@ -210,7 +212,8 @@ def main(out: str) -> None:
               "hsdp": init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))}
     counts = count_paths()
     results = {name: run_case(name, spec, rank, world, meshes, counts) for name, spec in CASES.items()}
-    results["lockstep"] = run_lockstep(rank, world, meshes["fsdp"])
+    for name, bounds in LOCKSTEP.items():
+        results[name] = run_lockstep(rank, world, meshes["fsdp"], bounds)
     everyone = [None] * world
     dist.all_gather_object(everyone, results)
     if rank == 0:

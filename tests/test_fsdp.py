@@ -125,10 +125,11 @@ def test_mixed_precision_computes_in_bf16_and_agd_updates_the_float32_shards(ste
 
 
 @pytest.mark.slow
-def test_evaluation_runs_the_ranks_in_lockstep_and_counts_every_sample_once(stepped):
-    # Rank 0 holds 3 test batches and rank 1 holds 2: without the lockstep the ranks' forwards
-    # (all-gathers) pair up wrongly and the job fails or hangs.
-    for seen in stepped["lockstep"]:
+@pytest.mark.parametrize("case", list(fsdp_driver.LOCKSTEP))
+def test_evaluation_runs_the_ranks_in_lockstep_and_counts_every_sample_once(stepped, case):
+    # Rank 0 holds 3 test batches and rank 1 holds 2, or none: without the lockstep the ranks'
+    # forwards (all-gathers) pair up wrongly and the job fails or hangs.
+    for seen in stepped[case]:
         totals, alone = seen["totals"], seen["alone"]
         assert totals[1:] == alone[1:] == [alone[1], 17.0]
         assert _rel(totals[0], alone[0]) <= 1e-6

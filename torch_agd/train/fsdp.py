@@ -75,16 +75,20 @@ def shard_model(model: nn.Module, env: DistEnv) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def in_lockstep(batches, model: nn.Module, split, batch_size: int, env: DistEnv, in_shape: tuple):
+def in_lockstep(batches, model: nn.Module, split, batch_size: int, env: DistEnv):
     """This rank's test ``batches``, then forwards of an empty batch until it has run as many
     forwards as the rank with the most batches: each forward all-gathers parameters, and a rank
     that stopped early would leave the others waiting. The empty forwards yield nothing, so
     the metrics are those of the real batches alone."""
     counts = [split.num_batches(batch_size, rank=r, world_size=env.world_size) for r in range(env.world_size)]
-    yield from batches
-    empty = torch.zeros((0, *in_shape), device=env.device)
-    for _ in range(max(counts) - counts[env.rank]):
-        model(empty)
+    x = None
+    for x, y in batches:
+        yield x, y
+    missing = max(counts) - counts[env.rank]
+    if missing and x is None:  # no test sample here: empty batches shaped like (and typed as) another rank's
+        x = next(iter(split.batches(batch_size, rank=counts.index(max(counts)), world_size=env.world_size)))[0]
+    for _ in range(missing):
+        model(x[:0])
 
 
 # ------------------------------------------------------------------------ checkpoints

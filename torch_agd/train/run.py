@@ -303,7 +303,7 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
             env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
             test_batches = data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size)
             if config["fsdp"]:  # a sharded forward is a collective: as many on every rank
-                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config["test_bs"], env, info.in_shape)
+                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config["test_bs"], env)
             test = evaluate(eval_model, test_batches, loss_fn=loss_fn, device=env.device, amp=config["amp"])
             test = env.all_reduce_sum(test).tolist()
             row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
