@@ -154,6 +154,12 @@ def test_units_are_layers_residual_blocks_and_transformer_layers():
     lm = CharLM(50, dim=16, layers=3, heads=2, context=8)
     kinds = [type(m).__name__ for m in fsdp.units(lm)]
     assert kinds == ["Embedding"] + ["TransformerEncoderLayer"] * 3 + ["LayerNorm", "Linear"], kinds
+    vit = build_model("tv-vit", DATASETS["cifar10"])  # the encoder holds its blocks in a Sequential
+    kinds = [type(m).__name__ for m in fsdp.units(vit)]
+    assert kinds == ["Conv2d"] + ["EncoderBlock"] * 4 + ["LayerNorm", "Linear"], kinds
+    # a block's own Sequential (torchvision's downsample: a conv and a BatchNorm) is not a stack
+    tv = build_model("tv-resnet18", DATASETS["cifar10"])
+    assert [type(m).__name__ for m in fsdp.units(tv)] == ["Conv2d", "BatchNorm2d"] + ["BasicBlock"] * 8 + ["Linear"]
 
 
 @pytest.fixture

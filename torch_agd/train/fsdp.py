@@ -22,6 +22,7 @@ Three things differ from a DDP run (docs/distributed.md, "FSDP2"):
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import shutil
@@ -44,21 +45,41 @@ OPTIMIZERS = ("agd", "adam", "adamw", "sgd")
 # Inside DIR/checkpoint/: what is not a tensor (epoch, metrics, RNG state), from rank 0.
 TRAIN_STATE = "train_state.pt"
 
-# Modules that only hold others: units are found inside them. torch's transformer stacks are
-# containers of layers too, so that each layer, not the whole stack, is gathered at a time.
-_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.TransformerEncoder, nn.TransformerDecoder)
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def _holds_parameters(module: nn.Module) -> bool:
+    return next(module.parameters(), None) is not None
+
+
+def _block(module: nn.Module) -> bool:
+    """A module made of layers that hold parameters (a leaf layer, such as nn.Linear, is none)."""
+    return any(_holds_parameters(child) for child in module.children())
+
+
+def _stack(module: nn.Module) -> bool:
+    """Whether ``module`` holds, in a container, two or more blocks of one class: a transformer's
+    encoder (nn.TransformerEncoder, torchvision's ViT Encoder), not an MLP's Sequential of layers.
+    Its blocks are the units, so that one block, not the whole stack, is gathered at a time."""
+    for child in module.children():
+        if isinstance(child, _CONTAINERS):
+            kinds = collections.Counter(type(m) for m in child.children() if _block(m))
+            if any(n >= 2 for n in kinds.values()):
+                return True
+    return False
 
 
 def units(model: nn.Module) -> list[nn.Module]:
     """The modules that `fully_shard` wraps below the root, each one all-gather per forward:
-    descending through containers (Sequential, ModuleList, ModuleDict, a transformer stack),
+    descending through containers (Sequential, ModuleList, ModuleDict) and stacks of blocks,
     every other module that holds parameters, whole: a layer of the FCN or VGG, a residual
-    block of a ResNet, a transformer layer."""
+    block of a ResNet, a transformer layer. (A parameter of a stack itself, such as a ViT's
+    positional embedding, is left to the root.)"""
     found = []
     for child in model.children():
-        if isinstance(child, _CONTAINERS):
+        if isinstance(child, _CONTAINERS) or _stack(child):
             found += units(child)
-        elif next(child.parameters(), None) is not None:
+        elif _holds_parameters(child):
             found.append(child)
     return found
 
