@@ -54,7 +54,37 @@ def convnet() -> nn.Module:
                          nn.Linear(7, 3))
 
 
-MODELS = {"mlp": (mlp, (10,), 1), "conv": (convnet, (3, 6, 6), 3)}  # builder, input shape, outputs
+def tied_lm() -> nn.Module:
+    # A transformer layer (packed q, k, v), an embedding whose weight is the head's (tied: the
+    # trainer's policy shards the two as one group), a positional parameter of one row (dim 0
+    # has size 1: rank 1 of 2 holds none of it).
+    from torch_agd.models.charlm import CharLM
+
+    return CharLM(VOCAB, dim=8, layers=1, heads=2, context=6, tied=True)
+
+
+VOCAB = 20
+
+
+def floats(in_shape: tuple, outputs: int):
+    return lambda g: (torch.randn(BATCH, *in_shape, generator=g), torch.randn(BATCH, outputs, generator=g))
+
+
+def tokens(g):
+    idx = torch.randint(0, VOCAB, (BATCH, 7), generator=g)
+    return idx[:, :-1], idx[:, 1:]
+
+
+def mse(out, target):
+    return (out.float() - target).square().mean()
+
+
+def xent(out, target):
+    return nn.functional.cross_entropy(out.float().flatten(0, 1), target.flatten())
+
+
+MODELS = {"mlp": (mlp, floats((10,), 1), mse), "conv": (convnet, floats((3, 6, 6), 3), mse),
+          "tied-lm": (tied_lm, tokens, xent)}  # builder, a global batch from a generator, loss
 
 CASES = {
     "mlp": dict(model="mlp"),                        # AGD's defaults: the foreach path
@@ -64,6 +94,9 @@ CASES = {
     "conv-per-tensor": dict(model="conv", foreach=False),
     "mlp-bf16": dict(model="mlp", bf16=True),        # MixedPrecisionPolicy(bf16 params, fp32 reduce)
     "mlp-hsdp": dict(model="mlp", hsdp=True),        # a (replicate, shard) mesh of (2, 1): HSDP
+    # Sharded by torch_agd.train.fsdp.shard_model, with L found on the unsharded model, as the
+    # trainer does (AGD can infer another L on a sharded model: test_fsdp.py's xfail test).
+    "tied-lm": dict(model="tied-lm", trainer_policy=True, depth_of_the_unsharded_model=True),
 }
 
 
@@ -95,12 +128,8 @@ def count_paths() -> dict:
     return counts
 
 
-def mse(out, target):
-    return (out.float() - target).square().mean()
-
-
 def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts: dict) -> dict:
-    build, in_shape, outputs = MODELS[spec["model"]]
+    build, batch, loss = MODELS[spec["model"]]
     torch.manual_seed(0)
     model = build()
     init_weights_(model)
@@ -109,22 +138,30 @@ def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts:
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if spec.get("bf16") else None
     mesh = meshes["hsdp" if spec.get("hsdp") else "fsdp"]
     kwargs = dict(mesh=mesh) if policy is None else dict(mesh=mesh, mp_policy=policy)
-    for child in model.children():
-        if next(child.parameters(), None) is not None:
-            fully_shard(child, **kwargs)
-    fully_shard(model, **kwargs)
+    if spec.get("trainer_policy"):
+        from torch_agd.train import fsdp
+        from torch_agd.train.dist import DistEnv
+
+        fsdp.shard_model(model, DistEnv(rank=rank, world_size=world))
+    else:
+        for child in model.children():
+            if next(child.parameters(), None) is not None:
+                fully_shard(child, **kwargs)
+        fully_shard(model, **kwargs)
     options = {k: spec[k] for k in ("foreach", "momentum") if k in spec}
+    if spec.get("depth_of_the_unsharded_model"):
+        options["depth"] = AGD(ref).depth
     opt, ref_opt = AGD(model, **options), AGD(ref, **options)
     paths = {"foreach": 0, "per_tensor": 0}
 
     etas, ref_etas, collectives, grad_dtypes = [], [], [], set()
     for step in range(STEPS):
         g = torch.Generator().manual_seed(1000 + step)
-        x, t = torch.randn(BATCH, *in_shape, generator=g), torch.randn(BATCH, outputs, generator=g)
+        x, t = batch(g)
         slices = [slice(r * BATCH // world, (r + 1) * BATCH // world) for r in range(world)]
 
         opt.zero_grad()
-        mse(model(x[slices[rank]]), t[slices[rank]]).backward()
+        loss(model(x[slices[rank]]), t[slices[rank]]).backward()
         grad_dtypes |= {str(p.grad.dtype) for p in model.parameters()}
         before = dict(counts)
         with Collectives() as seen:
@@ -136,12 +173,12 @@ def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts:
         ref_opt.zero_grad()
         if policy is None:
             for s in slices:
-                (mse(ref(x[s]), t[s]) / world).backward()
+                (loss(ref(x[s]), t[s]) / world).backward()
         else:  # what each rank computes: bf16 copies of the weights and activations, fp32 sums
             low = copy.deepcopy(ref).to(torch.bfloat16)
             for s in slices:
                 low.zero_grad()
-                mse(low(x[s].to(torch.bfloat16)), t[s]).backward()
+                loss(low(x[s].to(torch.bfloat16)), t[s]).backward()
                 for p, q in zip(ref.parameters(), low.parameters()):
                     p.grad = q.grad.float() / world if p.grad is None else p.grad + q.grad.float() / world
         ref_opt.step()

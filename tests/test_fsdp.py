@@ -39,7 +39,10 @@ pytestmark = [
 
 # Blocks of the driver's models, counted by hand from rules.py: a linear weight (its bias joins
 # it) is one block, a conv weight one per kernel position (3x3: 9), a norm layer one per channel.
-BLOCKS = {"mlp": 1 + 13 + 1 + 1, "conv": 9 + 5 + 9 + 1}
+BLOCKS = {"mlp": 1 + 13 + 1 + 1, "conv": 9 + 5 + 9 + 1,
+          # positions (one per slot), embedding rows (the head shares them), q k v, 3 linears,
+          # 3 LayerNorms of 8 channels
+          "tied-lm": 6 + 20 + 3 + 3 + 3 * 8}
 CASES = [name for name in fsdp_driver.CASES]
 
 
@@ -257,6 +260,20 @@ def test_a_save_killed_at_any_point_leaves_a_complete_checkpoint(kill, one_rank,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "optimizer side: rules.infer_depth finds residual blocks by class name (RESIDUAL_BLOCKS), and "
+    "fully_shard renames a wrapped module's class to FSDP<name>; so AGD(model) on a sharded model "
+    "infers another L (here 4 instead of 3: the block's two convs count apart), and another eta, "
+    "than on the same model unsharded. The trainer passes the L of the unsharded model"))
+def test_agd_infers_the_same_depth_on_a_sharded_model(one_rank):
+    from torch_agd import AGD
+
+    model = _lone_block_net()
+    unsharded = AGD(model).depth
+    fsdp.shard_model(model, one_rank)
+    assert AGD(model).depth == unsharded
+
+
 def test_a_checkpoint_of_the_other_kind_is_a_one_line_error(tmp_path):
     from torch_agd.errors import UsageError
 
@@ -466,3 +483,31 @@ def test_fsdp_with_amp_on_one_process_trains_as_amp_without_it(tmp_path, monkeyp
     a, b = metrics_rows(tmp_path / "fsdp")[0], metrics_rows(tmp_path / "amp")[0]
     for key in ("train_loss", "test_loss", "eta_mean"):
         assert _rel(a[key], b[key]) <= 1e-5, key
+
+
+def _lone_block_net(in_channels: int = 1, classes: int = 10) -> nn.Module:
+    """A residual block between two layers, alone in its Sequential: AGD counts it as one layer
+    in series (L = 3) on the model as built, and fully_shard makes the block a unit of its own."""
+    from torch_agd.models.resnet import PreActBlock
+
+    return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1, bias=False), PreActBlock(8, 8),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes, bias=False))
+
+
+def test_fsdp_keeps_the_depth_agd_infers_on_the_unsharded_model(tmp_path, monkeypatch):
+    # --agd-depth auto: L inferred on the model as built; the same run with and without --fsdp
+    # (one process) steps with one eta. (The trainer's own networks hold their residual blocks
+    # side by side, which the inference also finds after sharding.)
+    from fakedata import install_fake_idx
+    from torch_agd.train import run as run_module
+
+    _clean_launch(monkeypatch)
+    install_fake_idx(monkeypatch, tmp_path / "data", "fashion-mnist", n_train=192, n_test=40)
+    monkeypatch.setattr(run_module, "build_model", lambda arch, info, **kwargs: _lone_block_net())
+    argv = ["train", "--arch", "fcn", "--dataset", "fashion-mnist", "--agd-depth", "auto", "--train-bs", "32",
+            "--test_bs", "16", "--epochs", "1", "--cpu", "--data-dir", str(tmp_path / "data")]
+    assert main([*argv, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*argv, "--fsdp", "--out", str(tmp_path / "fsdp")]) == 0
+    a, b = metrics_rows(tmp_path / "fsdp")[0], metrics_rows(tmp_path / "plain")[0]
+    for key in ("eta_mean", "eta_min", "eta_max", "train_loss", "test_loss"):
+        assert _rel(a[key], b[key]) <= 1e-5, (key, a[key], b[key])

@@ -84,15 +84,28 @@ def units(model: nn.Module) -> list[nn.Module]:
     return found
 
 
+def _tied(found: list[nn.Module]) -> list[list[nn.Module]]:
+    """The units grouped so that units sharing a parameter (tied weights: an embedding and the
+    head) are one group: FSDP2 shards a parameter in one group only."""
+    groups: list[tuple[list[nn.Module], set[int]]] = []
+    for unit in found:
+        ids = {id(p) for p in unit.parameters()}
+        shared = [g for g in groups if g[1] & ids]
+        groups = [g for g in groups if not g[1] & ids]
+        groups.append(([m for g in shared for m in g[0]] + [unit], ids.union(*(g[1] for g in shared))))
+    return [modules for modules, _ in groups]
+
+
 def shard_model(model: nn.Module, env: DistEnv) -> None:
-    """fully_shard every unit, then the root (which takes any parameter left), over a 1-D mesh
-    of every rank. The model must be on env.device and initialised: its parameters are replaced."""
+    """fully_shard every unit (units with tied weights together), then the root (which takes any
+    parameter left), over a 1-D mesh of every rank. The model must be on env.device and
+    initialised: its parameters are replaced."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(env.device.type, (env.world_size,))
-    for unit in units(model):
-        fully_shard(unit, mesh=mesh)
+    for group in _tied(units(model)):
+        fully_shard(group if len(group) > 1 else group[0], mesh=mesh)
     fully_shard(model, mesh=mesh)
 
 

@@ -226,6 +226,9 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     optimizer = build_optimizer(config["optimizer"], model, **options)
     model.to(env.device)
     if config["fsdp"]:  # sharding replaces the parameters: the optimizer is built on the shards
+        # with the L found on the unsharded model: fully_shard renames the classes of the blocks
+        # whose residual branches AGD counts (FSDPTransformerEncoderLayer)
+        options["depth"] = getattr(optimizer, "depth", options["depth"])
         fsdp.shard_model(model, env)
         optimizer = build_optimizer(config["optimizer"], model, **options, init=False)
 
