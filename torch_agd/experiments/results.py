@@ -3,8 +3,9 @@
 ``python -m torch_agd.experiments.results RUNS --out docs/results.md --figures docs/figures``
 (what scripts/make_results.sh calls) renders the page from RUNS/{lr,shape,batch,peers}; every
 number on it comes from those directories (read by runs.py), and the paper's numbers are quoted
-beside ours. Each grid's renderer returns its text together with its findings, the comparisons
-it made as data; those where AGD does worse are bold in the text and listed again at the top.
+beside ours. Each grid's renderer returns its text together with its findings (findings.py), the
+comparisons it made as data; those where AGD does worse are bold in the text and listed again at
+the top.
 """
 
 from __future__ import annotations
@@ -13,14 +14,16 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
+from torch_agd.experiments.findings import (
+    ACCURACY_HEADERS, Finding, Section, accuracy_cells, best_group, loss_text, pct, versus,
+)
 from torch_agd.experiments.plot import GRID_KINDS, make_figure, save_figure
-from torch_agd.experiments.runs import Run, Stat, final_stat, find_runs, group_runs, markdown_table, stat
+from torch_agd.experiments.runs import Run, final_stat, find_runs, group_runs, markdown_table, stat
 from torch_agd.train import rundir
 
 GRID_ORDER = ("lr", "shape", "batch", "peers")
@@ -37,96 +40,22 @@ PAPER_PEERS = ("FCN depth 16 width 512 on CIFAR-10, batch 128: AGD 52.7% test ac
                "tuned over lr 1e-5..1e-1 53.5% (the paper compares no learning-rate-free peers)")
 
 
-@dataclass(frozen=True)
-class Finding:
-    """One sentence of a comparison, without its full stop: ``lead + worse + tail``. ``worse`` is
-    the part that says AGD does worse (bold on the page, and the sentence is listed under "Where
-    AGD loses"); empty when it does not."""
-
-    lead: str
-    worse: str = ""
-    tail: str = ""
-
-    @property
-    def text(self) -> str:
-        return self.lead + self.worse + self.tail
-
-    @property
-    def markdown(self) -> str:
-        return self.lead + (f"**{self.worse}**" if self.worse else "") + self.tail
-
-
-@dataclass
-class Section:
-    """A grid's part of the page: its Markdown lines and the findings they state, in order."""
-
-    lines: list[str]
-    findings: list[Finding] = field(default_factory=list)
-
-    def state(self, finding: Finding) -> str:
-        """``finding`` as Markdown, recorded as stated here: the one place a finding is rendered."""
-        self.findings.append(finding)
-        return finding.markdown
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-def _pct(s: Stat) -> str:
-    return s.fmt(100)
-
-
-def _loss(s: Stat) -> str:
-    return s.fmt(1, 4) if s.n == 0 or s.mean >= 1e-3 else f"{s.mean:.2e}"
-
-
 def _chance(runs: Sequence[Run]) -> float:
     return 0.01 if any(run.param("dataset") == "cifar100" for run in runs) else 0.1
 
 
-def _best(groups: dict[str, list[Run]], names: Iterable[str], key: str, lowest: bool) -> str | None:
-    scored = [(final_stat(groups[n], key).mean, n) for n in names
-              if final_stat(groups[n], key).n]
-    if not scored:
-        return None
-    return (min if lowest else max)(scored)[1]
-
-
-def _versus(agd: list[Run], other: list[Run], name: str) -> Finding:
-    """'AGD loses to NAME by X points (beyond / within the seed spread)' or 'AGD beats ...'."""
-    a, b = final_stat(agd, "test_acc"), final_stat(other, "test_acc")
-    if not (a.n and b.n):
-        return Finding(f"AGD vs {name}: not comparable (a run diverged)")
-    gap = (b.mean - a.mean) * 100
-    if abs(gap) < 0.05:
-        return Finding(f"AGD ties with {name} (test accuracy {a.mean * 100:.1f}%)")
-    beyond = a.hi < b.lo if gap > 0 else b.hi < a.lo
-    where = "beyond the seed spread" if beyond else "within the seed spread"
-    if gap > 0:
-        return Finding("", f"AGD loses to {name}", f" by {gap:.1f} points of test accuracy ({where})")
-    return Finding(f"AGD beats {name} by {-gap:.1f} points of test accuracy ({where})")
-
-
-def _accuracy_cells(members: Sequence[Run]) -> list[str]:
-    """seeds, test acc mean ± sd, test acc min–max, final train loss: every table's columns."""
-    acc = final_stat(members, "test_acc")
-    return [str(len(members)), _pct(acc), acc.fmt_range(100), _loss(final_stat(members, "train_loss"))]
-
-
-ACCURACY_HEADERS = ["seeds", "test acc %", "test acc % (min–max)", "final train loss"]
 
 
 def render_lr(runs: Sequence[Run]) -> Section:
     groups = group_runs(runs)
     rows = [[m[0].param("optimizer"), "-" if m[0].param("lr") is None else f"{m[0].param('lr'):g}",
-             *_accuracy_cells(m)] for m in groups.values()]
+             *accuracy_cells(m)] for m in groups.values()]
     section = Section([markdown_table(["optimizer", "lr", *ACCURACY_HEADERS], rows), "",
                        f"Paper: {PAPER_LR}.", "", "Ours:", ""])
     agd = groups.get("agd")
     for optimizer in ("adam", "sgd"):
         names = [g for g, m in groups.items() if m[0].param("optimizer") == optimizer]
-        by_acc, by_loss = _best(groups, names, "test_acc", False), _best(groups, names, "train_loss", True)
+        by_acc, by_loss = best_group(groups, names, "test_acc", False), best_group(groups, names, "train_loss", True)
         if by_acc is None or by_loss is None:
             continue
         lr_acc, lr_loss = groups[by_acc][0].param("lr"), groups[by_loss][0].param("lr")
@@ -135,9 +64,9 @@ def render_lr(runs: Sequence[Run]) -> Section:
             a, b = final_stat(agd, "train_loss"), final_stat(groups[by_loss], "train_loss")
             beaten = sum(not final_stat(groups[n], "test_acc").n or final_stat(agd, "test_acc").mean
                          > final_stat(groups[n], "test_acc").mean for n in names)
-            lead, tail = f"AGD's final train loss {_loss(a)} is ", f" than {optimizer}'s lowest ({_loss(b)})"
+            lead, tail = f"AGD's final train loss {loss_text(a)} is ", f" than {optimizer}'s lowest ({loss_text(b)})"
             loss = Finding(lead + "lower" + tail) if a.mean < b.mean else Finding(lead, "higher", tail)
-            line += (f". {section.state(_versus(agd, groups[by_acc], f'{optimizer} at lr {lr_acc:g}'))}. "
+            line += (f". {section.state(versus(agd, groups[by_acc], f'{optimizer} at lr {lr_acc:g}'))}. "
                      f"{section.state(loss)}. AGD beats {optimizer} at {beaten} of {len(names)} "
                      "learning rates")
         section.lines.append(line + ".")
@@ -149,7 +78,7 @@ def render_shape(runs: Sequence[Run]) -> Section:
     cells = {(m[0].param("depth"), m[0].param("width")): m for m in groups.values()}
     depths = sorted({d for d, _ in cells})
     widths = sorted({w for _, w in cells})
-    rows = [[f"depth {d}"] + [_pct(final_stat(cells[(d, w)], "test_acc")) if (d, w) in cells
+    rows = [[f"depth {d}"] + [pct(final_stat(cells[(d, w)], "test_acc")) if (d, w) in cells
                               else "-" for w in widths] for d in depths]
     section = Section([markdown_table(["test acc %"] + [f"width {w}" for w in widths], rows), "",
                        f"Paper: {PAPER_SHAPE}.", ""])
@@ -163,14 +92,14 @@ def render_shape(runs: Sequence[Run]) -> Section:
         verdict = section.state(worse) + "."
     else:
         verdict = f"AGD trains at all {len(cells)} shapes (every cell above twice chance)."
-    section.lines.append(f"Ours: best {_pct(final_stat(cells[best], 'test_acc'))}% at depth {best[0]}, "
+    section.lines.append(f"Ours: best {pct(final_stat(cells[best], 'test_acc'))}% at depth {best[0]}, "
                          f"width {best[1]}. {verdict}")
     return section
 
 
 def render_batch(runs: Sequence[Run]) -> Section:
     groups = group_runs(runs)
-    rows = [[m[0].param("train_bs"), *_accuracy_cells(m),
+    rows = [[m[0].param("train_bs"), *accuracy_cells(m),
              f"{PAPER_BATCH[m[0].param('train_bs')]:.1f}" if m[0].param("train_bs") in PAPER_BATCH else "-"]
             for m in groups.values()]
     section = Section([markdown_table(["batch size", *ACCURACY_HEADERS, "paper test acc % (CIFAR-10)"], rows), ""])
@@ -185,7 +114,7 @@ def render_batch(runs: Sequence[Run]) -> Section:
                                             " (the paper's rises from batch 32 to 1024 and holds at 4096)"))
         else:
             verdict = f"As in the paper, {fall} (the paper's holds from 1024 to 4096)"
-        section.lines.append(f"Ours: best at batch {best} ({_pct(finite[best])}%). Every run has the same "
+        section.lines.append(f"Ours: best at batch {best} ({pct(finite[best])}%). Every run has the same "
                              f"number of epochs, so a larger batch takes fewer steps. {verdict}.")
     return section
 
@@ -193,7 +122,7 @@ def render_batch(runs: Sequence[Run]) -> Section:
 def render_peers(runs: Sequence[Run]) -> Section:
     groups = group_runs(runs)
     adam = [g for g, m in groups.items() if m[0].param("optimizer") == "adam"]
-    tuned = _best(groups, adam, "test_acc", lowest=False)
+    tuned = best_group(groups, adam, "test_acc", lowest=False)
     shown = {g: m for g, m in groups.items() if g not in adam or g == tuned}
     order = sorted(shown, key=lambda g: -final_stat(shown[g], "test_acc").mean
                    if final_stat(shown[g], "test_acc").n else math.inf)
@@ -205,12 +134,12 @@ def render_peers(runs: Sequence[Run]) -> Section:
             lrs = ", ".join(f"{groups[g][0].param('lr'):g}" for g in adam)
             label = f"adam (tuned: best of lr {lrs}) lr {members[0].param('lr'):g}"
         seconds = stat(row.get("epoch_seconds", math.nan) for run in members for row in run.metrics)
-        rows.append([rank, label, *_accuracy_cells(members), seconds.fmt(1, 2)])
+        rows.append([rank, label, *accuracy_cells(members), seconds.fmt(1, 2)])
     section = Section([markdown_table(["rank", "optimizer", *ACCURACY_HEADERS, "s / epoch"], rows), "",
                        f"Paper: {PAPER_PEERS}.", ""])
     if "agd" in shown:
         section.lines += [f"Ours: AGD ranks {order.index('agd') + 1} of {len(order)} by mean test accuracy.", ""]
-        section.lines += [f"- {section.state(_versus(shown['agd'], shown[g], g if g != tuned else 'tuned Adam'))}."
+        section.lines += [f"- {section.state(versus(shown['agd'], shown[g], g if g != tuned else 'tuned Adam'))}."
                           for g in order if g != "agd"]
     return section
 
