@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Regenerate docs/results.md and docs/figures/*.png from scratch-or-resume sweeps.
 #
-#   scripts/make_results.sh            # all four small-scale sweeps, 3 seeds, into runs/
+#   scripts/make_results.sh            # every small-scale sweep, 3 seeds, into runs/
 #   SEEDS=5 JOBS=2 scripts/make_results.sh
+#   GRIDS="lr batch batch-steps" scripts/make_results.sh   # some sweeps; the page shows every grid found
 #
 # Each sweep skips runs that already finished, so an interrupted call picks up where it
-# stopped. On a 2-core CPU the four sweeps take about 20 CPU-minutes (105 runs).
+# stopped. The four grids of the paper's figures (lr shape batch peers: 105 runs) take about 20
+# CPU-minutes; batch-steps about 10 more; momentum and models take hours (docs/experiments.md
+# gives estimates per grid).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,8 +17,9 @@ ROOT=${ROOT:-runs}
 SEEDS=${SEEDS:-3}
 JOBS=${JOBS:-1}
 SCALE=${SCALE:-small}
+GRIDS=${GRIDS:-lr shape batch batch-steps peers momentum models}
 
-for grid in lr shape batch peers; do
+for grid in $GRIDS; do
     "$PYTHON" -m torch_agd sweep "$grid" --scale "$SCALE" --seeds "$SEEDS" --jobs "$JOBS" --root "$ROOT"
 done
 "$PYTHON" -m torch_agd.experiments.results "$ROOT" --out docs/results.md --figures docs/figures

@@ -101,7 +101,7 @@ def test_lr_and_gain_multiply_and_are_read_at_step_time():
         moved, reference = moved_by(opt, params, seed=step)
         for m, r in zip(moved, reference):
             assert m == pytest.approx(lr * gain * r, rel=1e-6)
-    assert len(opt._plans) == 1  # neither lr nor gain is part of a cached layout
+    assert len(opt._cache["plans"]) == 1  # neither lr nor gain is part of a cached layout
 
 
 @pytest.mark.parametrize("kind", ["tensor", "float"])

@@ -18,47 +18,10 @@ from torch_agd.errors import UsageError
 from torch_agd.experiments import plot, results, runs as rundirs, sweep
 from torch_agd.train.optimizers import PEERS
 
+from fakeruns import diverge, flags as _flags, trainer_config, write_run
+
 
 # --- a fake trainer ------------------------------------------------------------------------
-
-def _flags(argv):
-    """`--key value` pairs and bare `--flag`s of an `agd train` command line, as config.json."""
-    config, i = {}, 0
-    while i < len(argv):
-        key = argv[i].lstrip("-").replace("-", "_")
-        if i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            value = argv[i + 1]
-            for cast in (int, float):
-                try:
-                    value = cast(value)
-                    break
-                except ValueError:
-                    pass
-            config[key], i = value, i + 2
-        else:
-            config[key], i = True, i + 1
-    return config
-
-
-def write_run(run_dir: Path, config: dict, epochs: int, acc: float, *, finished=True, eta=True):
-    """A run directory as `agd train` leaves it: config, metrics per epoch, summary last."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config))
-    rows = []
-    for epoch in range(1, epochs + 1):
-        frac = epoch / epochs
-        rows.append({
-            "epoch": epoch, "train_loss": 1.0 / (1 + epoch) + (1 - acc), "train_acc": acc * frac,
-            "test_loss": 1.2 / (1 + epoch) + (1 - acc), "test_acc": acc * frac,
-            "eta_mean": 0.3 / epoch if eta else None, "eta_min": 0.2 / epoch if eta else None,
-            "eta_max": 0.4 / epoch if eta else None, "skipped_steps": 0,
-            "epoch_seconds": 0.5, "train_samples_per_second": 1000.0,
-        })
-    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run_dir / "checkpoint.pt").write_bytes(b"fake")
-    if finished:
-        (run_dir / "summary.json").write_text(json.dumps({"test_acc": rows[-1]["test_acc"]}))
-
 
 def _fake_acc(config):
     """A deterministic accuracy that depends on the run's settings, so tables differ by row."""
@@ -378,21 +341,63 @@ PINNED_ACC = {
     "sgd-lr1e-05": None, "sgd-lr1e-01": 0.79, "prodigy": 0.82, "dadapt-adam": 0.80, "dog": 0.75,
     "schedulefree": None, "d16-w32": 0.15, "bs4096": 0.55,
 }
+OLD_GRIDS = ("lr", "shape", "batch", "peers")  # pinned first; their configs are the flags alone
+# The grids added since, by grid: batch size holding up at equal steps; momentum winning in two
+# settings of three, AGD losing to tuned Adam in one (within the spread), tying and beating in
+# others, a diverged Adam; a vision model missing issue 10's target and one meeting it, the LM
+# missing it while beating Prodigy (lower loss is better), a diverged peer, and both counts of L.
+# The LM's accuracies become validation losses (write_run: 0.4 + 1 - acc after two epochs).
+PINNED_MORE = {
+    "batch-steps": {"bs4096": 0.655},
+    "momentum": {
+        "fcn-e3-agd": 0.80, "fcn-e3-agd-m0.9": 0.83, "fcn-e3-agd-m0.9-hb": 0.82, "fcn-e3-adam-lr1e-04": 0.78,
+        "fcn-e3-adam-lr3e-04": 0.84, "fcn-e3-adam-lr1e-03": 0.81, "fcn-e3-adam-lr3e-03": None,
+        "fcn-e10-agd": 0.86, "fcn-e10-agd-m0.9": 0.85, "fcn-e10-agd-m0.9-hb": 0.87,
+        "cnn-e3-agd": 0.70, "cnn-e3-agd-m0.9": 0.72, "cnn-e3-agd-m0.9-hb": 0.72, "cnn-e3-adam-lr1e-03": 0.60,
+    },
+    "models": {
+        "tv-resnet18-agd": 0.83, "tv-resnet18-agd-L-weights": 0.80, "tv-resnet18-adamw-lr3e-04": 0.86,
+        "tv-resnet18-adamw-lr1e-03": 0.855, "tv-resnet18-adamw-lr3e-03": 0.84, "tv-resnet18-adamw-lr1e-02": 0.70,
+        "tv-resnet18-prodigy": 0.87, "tv-resnet18-schedulefree": 0.83, "tv-resnet18-agd+adamw": 0.81,
+        "tv-vit-agd": 0.80, "tv-vit-agd-L-weights": 0.70, "tv-vit-adamw-lr3e-04": 0.79,
+        "tv-vit-adamw-lr1e-03": 0.805, "tv-vit-adamw-lr3e-03": 0.78, "tv-vit-adamw-lr1e-02": 0.60,
+        "tv-vit-prodigy": 0.78, "tv-vit-schedulefree": 0.79, "tv-vit-agd+adamw": 0.75,
+        "charlm-agd": 0.60, "charlm-agd-L-weights": 0.61, "charlm-adamw-lr3e-04": 0.58,
+        "charlm-adamw-lr1e-03": 0.62, "charlm-adamw-lr3e-03": 0.605, "charlm-adamw-lr1e-02": 0.50,
+        "charlm-prodigy": 0.59, "charlm-schedulefree": None, "charlm-agd+adamw": 0.55,
+        "resnet18-agd-L-weights": 0.70, "resnet18-agd-L-auto": 0.75,
+    },
+}
+# The L that AGD uses on each model (measured: AGD(model).depth), as the trainer records it.
+PINNED_L = {("tv-resnet18", "auto"): 10, ("tv-resnet18", "weights"): 21, ("tv-vit", "auto"): 10,
+            ("tv-vit", "weights"): 18, ("charlm", "auto"): 10, ("charlm", "weights"): 18,
+            ("resnet18", "auto"): 10, ("resnet18", "weights"): 21, ("fcn", "weights"): 8,
+            ("cnn", "auto"): 4, ("tv-resnet18", "agd+adamw"): 21, ("tv-vit", "agd+adamw"): 18,
+            ("charlm", "agd+adamw"): 17}
+
+
+def pinned_config(name: str, argv) -> dict:
+    if name in OLD_GRIDS:
+        return {**_flags(argv), "version": "0.1.0", "git_commit": "0123abc"}
+    config = trainer_config(argv)
+    if config["optimizer"] in ("agd", "agd+adamw"):
+        how = config["agd_depth"] if config["optimizer"] == "agd" else "agd+adamw"
+        config["agd_L"] = PINNED_L[(config["arch"], how)]
+    return config
 
 
 def write_pinned_runs(root: Path) -> None:
-    """ROOT/{lr,shape,batch,peers}: two seeds of each grid's runs, as `agd train` leaves them."""
+    """ROOT/<grid> for every grid: two seeds of each grid's runs, as `agd train` leaves them."""
     for name in results.GRID_ORDER:
         for spec in sweep.grid_runs(name, "small", seeds=2):
-            config = {**_flags(spec.argv), "version": "0.1.0", "git_commit": "0123abc"}
-            acc = PINNED_ACC.get(spec.group, 0.60 + 0.01 * len(spec.group))
+            config = pinned_config(name, spec.argv)
+            accs = PINNED_ACC if name in OLD_GRIDS else PINNED_MORE[name]
+            acc = accs.get(spec.group, 0.60 + 0.01 * len(spec.group))
             run_dir = root / name / spec.name
             write_run(run_dir, config, 2, 0.5 if acc is None else acc + 0.01 * spec.seed,
-                      finished=spec.name != "dog-s1", eta=config["optimizer"] == "agd")
+                      finished=spec.name != "dog-s1", eta=config["optimizer"] in ("agd", "agd+adamw"))
             if acc is None:  # diverged: no finite test accuracy or loss
-                rows = [{**json.loads(line), "test_acc": None, "train_loss": None}
-                        for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-                (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+                diverge(run_dir)
 
 
 PINNED_PAGE = Path(__file__).parent / "data" / "results_page.md"
@@ -409,7 +414,8 @@ def test_where_agd_loses_lists_the_findings_the_sections_state(tmp_path):
     write_pinned_runs(tmp_path)
     sections = {g: results.RENDERERS[g](runs) for g, runs in results.read_grids(tmp_path).items()}
     worse = [(g, f.text) for g, section in sections.items() for f in section.findings if f.worse]
-    assert [g for g, _ in worse] == ["lr", "lr", "shape", "batch", "peers", "peers"]
+    assert [g for g, _ in worse] == ["lr", "lr", "shape", "batch", "peers", "peers", "momentum", "momentum",
+                                     "models", "models", "models", "models"]
     assert worse[2][1] == "AGD did not train (test accuracy under twice chance) at: depth 16 width 32"
     peers = [f.text for f in sections["peers"].findings]
     assert peers[2:] == ["AGD ties with dadapt-adam (test accuracy 80.5%)",

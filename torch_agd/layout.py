@@ -103,7 +103,7 @@ def build(entries: list[Entry], ws, gs, ds, acc: torch.dtype, main: torch.device
     ``host``: CPU tensors outside torch.compile, which get row views and one-read norms; elsewhere
     factors are plain slices that broadcast (a GPU kernel or compiled loop handles that at full
     speed, and torch.compile turns a gather into a slow per-element loop)."""
-    n = max((e.base + e.blocks.count for e in entries), default=0)
+    n = max([0] + [e.base + e.blocks.count for e in entries])
     tensors, ranges = [], []
     scales = torch.zeros(n, dtype=torch.float64)
     for e, w, g, d in zip(entries, ws, gs, ds):

@@ -41,6 +41,15 @@ def _eta(G: Tensor) -> Tensor:
 _acc = layout._acc
 
 
+def _widest(tensors) -> torch.dtype:
+    """G accumulates in the widest of the tensors' accumulation dtypes (a plain loop: older
+    torch.compile cannot trace max with a key)."""
+    acc = torch.float32
+    for t in tensors:
+        acc = torch.promote_types(acc, t.dtype)
+    return acc
+
+
 # ---------------------------------------------------------------- the readable path
 
 
@@ -68,7 +77,7 @@ def _block_factor(f: Tensor, x: Tensor, e: Entry) -> Tensor:
 def _single_tensor_agd(weights, grads, dirs, entries, mults, depth, n_blocks, reduce):
     """Reference path, per tensor. Returns (eta before lr and gain, whether G was finite)."""
     main = weights[0].device
-    acc = _acc(max(grads, key=lambda g: g.element_size()).dtype)
+    acc = _widest(grads)
     sq_g = torch.zeros(n_blocks, dtype=acc, device=main)
     sq_d = sq_g.clone() if dirs is not grads else sq_g
     for g, d, e in zip(grads, dirs, entries):
@@ -103,7 +112,7 @@ def _multi_tensor_agd(weights, grads, dirs, entries, mults, depth, n_blocks, red
     """Same arithmetic with batched ops. ``plans`` caches layouts between steps (layout.py); None
     rebuilds it, as does tracing under torch.compile (the trace keeps what it needs)."""
     main = weights[0].device
-    acc = _acc(max(grads, key=lambda g: g.element_size()).dtype)
+    acc = _widest(grads)
     compiling = torch.compiler.is_compiling()
     host = main.type == "cpu" and not compiling
     key = layout.signature(entries, weights, grads, dirs) if plans is not None and not compiling else None
@@ -229,6 +238,7 @@ class AGD(Optimizer):
         defaults = dict(lr=lr, gain=gain, depth=depth, momentum=momentum, nesterov=nesterov, maximize=maximize,
                         foreach=foreach)
         _check_group(defaults, "")
+        self._new_cache()
         self._constructing = True
         super().__init__(params, defaults)
         self._constructing = False
@@ -259,7 +269,7 @@ class AGD(Optimizer):
         if groups != 1 and group["kind"] not in ("weight", "weight_t"):
             raise UsageError(f"conv_groups applies to kind 'weight' or 'weight_t', not {group['kind']!r}")
         if not self._constructing:
-            self.__dict__.pop("_structure", None)
+            self._cache["structure"] = None
             self._set_depth(None, added=group)
 
     def _layer_tensors(self, groups) -> list[Tensor]:
@@ -289,13 +299,13 @@ class AGD(Optimizer):
         biases join their layer's weight by name. Rebuilt after any change to the groups, and
         lazily after a copy (deepcopy and pickle keep only defaults, state and param_groups)."""
         key = tuple((id(p), g["kind"], g.get("conv_groups", 1)) for g in self.param_groups for p in g["params"])
-        cached = self.__dict__.get("_structure")
+        cached = self._cache["structure"]
         if cached is not None and cached[0] == key:
             return cached[1], cached[2]
         named = [(self._name(group, i, gi), p, group["kind"], group.get("conv_groups", 1))
                  for gi, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])]
         structure, n = rules.assign_blocks(named)
-        self._structure = (key, structure, n)
+        self._cache["structure"] = (key, structure, n)
         return structure, n
 
     # -------------------------------------------------------- state
@@ -319,8 +329,16 @@ class AGD(Optimizer):
     def depth(self) -> int:
         return self.param_groups[0]["depth"]
 
+    def _new_cache(self) -> None:
+        """What the step works out once and keeps: the block structure (rebuilt when the groups
+        change) and the fast path's plans. Created here and only mutated in step() (the compiler
+        of older torch cannot set an optimizer's attributes); a copy (deepcopy, pickle keep only
+        defaults, state and param_groups) starts with a new one."""
+        self._cache = {"structure": None, "plans": {}}
+
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self._new_cache()
         self._constructing = False
         for group in self.param_groups:  # groups saved before a flag existed run as its default did
             group.setdefault("nesterov", True)
@@ -390,7 +408,7 @@ class AGD(Optimizer):
                              "(apply fully_shard to the root module too)")
         use_dirs = dirs if any(d is not g for d, g in zip(dirs, grads)) else grads
         if foreach:
-            plans = self.__dict__.setdefault("_plans", {})
+            plans = self._cache["plans"]
             if len(plans) > 8:  # layouts keep changing (grads come and go): do not hoard
                 plans.clear()
             eta, finite = _multi_tensor_agd(weights, grads, use_dirs, entries, mults, self.depth, n_blocks, reduce, plans)

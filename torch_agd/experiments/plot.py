@@ -48,7 +48,8 @@ def _distinct(runs: Sequence[Run], key: str) -> list:
 
 
 KINDS = ("shape", "batch", "lr", "final")
-GRID_KINDS = {"shape": "shape", "batch": "batch", "lr": "lr", "peers": "final"}  # sweep -> panel
+GRID_KINDS = {"shape": "shape", "batch": "batch", "lr": "lr", "peers": "final",  # sweep -> panel
+              "batch-steps": "batch", "momentum": "final", "models": "final"}
 
 
 def sweep_kind(runs: Sequence[Run]) -> str:
@@ -184,18 +185,21 @@ def _draw_by_param(ax, runs: Sequence[Run], colors: dict, key: str, metric: str,
     ax.legend(fontsize=7)
 
 
-def _draw_final(ax, groups: dict[str, list[Run]], colors: dict) -> None:
+def _draw_final(ax, groups: dict[str, list[Run]], colors: dict, key: str = "test_acc",
+                ylabel: str = "final test accuracy (%)", percent: bool = True) -> None:
+    """A bar per group: the final ``key`` (mean over seeds, min-max error bars)."""
+    scale = 100.0 if percent else 1.0
     names = list(groups)
-    stats = [final_stat(groups[g], "test_acc") for g in names]
-    means = [s.mean * 100 if s.n else 0.0 for s in stats]
-    err = [[(s.mean - s.lo) * 100 if s.n else 0 for s in stats],
-           [(s.hi - s.mean) * 100 if s.n else 0 for s in stats]]
+    stats = [final_stat(groups[g], key) for g in names]
+    means = [s.mean * scale if s.n else 0.0 for s in stats]
+    err = [[(s.mean - s.lo) * scale if s.n else 0 for s in stats],
+           [(s.hi - s.mean) * scale if s.n else 0 for s in stats]]
     ax.bar(range(len(names)), means, yerr=err, capsize=3, color=[colors[g] for g in names])
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
-    ax.set_ylabel("final test accuracy (%)")
-    lows = [s.lo * 100 for s in stats if s.n]
+    ax.set_ylabel(ylabel)
+    lows = [s.lo * scale for s in stats if s.n]
     if lows:  # zoom in on the differences, as long as every bar keeps some height
-        ax.set_ylim(bottom=max(0.0, min(lows) - 5))
+        ax.set_ylim(bottom=max(0.0, min(lows) - 5 if percent else 0.9 * min(lows)))
 
 
 FAMILY_MAPS = ("Blues", "Oranges", "Greens", "Purples", "Reds", "Greys")

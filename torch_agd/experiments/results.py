@@ -1,10 +1,12 @@
 """docs/results.md from sweep directories: tables, the paper's numbers beside ours, findings.
 
 ``python -m torch_agd.experiments.results RUNS --out docs/results.md --figures docs/figures``
-(what scripts/make_results.sh calls) renders the page from RUNS/{lr,shape,batch,peers}; every
-number on it comes from those directories (read by runs.py), and the paper's numbers are quoted
-beside ours. Each grid's renderer returns its text together with its findings, the comparisons
-it made as data; those where AGD does worse are bold in the text and listed again at the top.
+(what scripts/make_results.sh calls) renders the page from RUNS/<grid> for every grid of
+GRID_ORDER; every number on it comes from those directories (read by runs.py), and the paper's
+numbers are quoted beside ours. Each grid's renderer returns its text together with its findings
+(findings.py), the comparisons it made as data; those where AGD does worse are bold in the text
+and listed again at the top. The grids of the paper's figures are rendered here; momentum and
+models have modules of their own (results_momentum.py, results_models.py).
 """
 
 from __future__ import annotations
@@ -13,17 +15,21 @@ import argparse
 import math
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Sequence
 
 from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
+from torch_agd.experiments import results_models, results_momentum
+from torch_agd.experiments.findings import (
+    ACCURACY_HEADERS, Finding, Section, accuracy_cells, best_group, loss_text, pct, versus,
+)
 from torch_agd.experiments.plot import GRID_KINDS, make_figure, save_figure
-from torch_agd.experiments.runs import Run, Stat, final_stat, find_runs, group_runs, markdown_table, stat
+from torch_agd.experiments.runs import Run, final_stat, find_runs, group_runs, markdown_table, stat
 from torch_agd.train import rundir
 
-GRID_ORDER = ("lr", "shape", "batch", "peers")
+GRID_ORDER = ("lr", "shape", "batch", "batch-steps", "peers", "momentum", "models")
+SUBSECTIONS = ("batch-steps",)  # rendered as a part (###) of the section before them
 
 # The paper's numbers (Bernstein et al. 2023, arXiv:2304.05187: figs. 2-4 and its CIFAR-10
 # table). All are on CIFAR-10; the small sweeps run on Fashion-MNIST, so they are quoted beside
@@ -35,98 +41,29 @@ PAPER_SHAPE = ("FCN width 64..2048 x depth 2..32 on CIFAR-10: AGD trains at ever
 PAPER_BATCH = {32: 55.0, 128: 58.0, 1024: 60.0, 4096: 59.8}  # 4-layer FCN, CIFAR-10, test acc %
 PAPER_PEERS = ("FCN depth 16 width 512 on CIFAR-10, batch 128: AGD 52.7% test accuracy vs Adam "
                "tuned over lr 1e-5..1e-1 53.5% (the paper compares no learning-rate-free peers)")
-
-
-@dataclass(frozen=True)
-class Finding:
-    """One sentence of a comparison, without its full stop: ``lead + worse + tail``. ``worse`` is
-    the part that says AGD does worse (bold on the page, and the sentence is listed under "Where
-    AGD loses"); empty when it does not."""
-
-    lead: str
-    worse: str = ""
-    tail: str = ""
-
-    @property
-    def text(self) -> str:
-        return self.lead + self.worse + self.tail
-
-    @property
-    def markdown(self) -> str:
-        return self.lead + (f"**{self.worse}**" if self.worse else "") + self.tail
-
-
-@dataclass
-class Section:
-    """A grid's part of the page: its Markdown lines and the findings they state, in order."""
-
-    lines: list[str]
-    findings: list[Finding] = field(default_factory=list)
-
-    def state(self, finding: Finding) -> str:
-        """``finding`` as Markdown, recorded as stated here: the one place a finding is rendered."""
-        self.findings.append(finding)
-        return finding.markdown
-
-    @property
-    def text(self) -> str:
-        return "\n".join(self.lines)
-
-
-def _pct(s: Stat) -> str:
-    return s.fmt(100)
-
-
-def _loss(s: Stat) -> str:
-    return s.fmt(1, 4) if s.n == 0 or s.mean >= 1e-3 else f"{s.mean:.2e}"
+# Which budget fig. 4 gave each batch size: not stated in the paper's text or caption, and the
+# published code has an epoch budget only. Issue 13 says it is equal steps; quoted as its claim.
+PAPER_BATCH_BUDGET = ("Which comparison did the paper make? Its fig. 4 caption gives the batch sizes and "
+                      "final accuracies but not whether every batch size trained for the same number of "
+                      "epochs or of steps, and the published code has only an epoch budget (`--epochs`). "
+                      "Issue 13 says the paper's comparison is at equal steps; that is the issue's claim, "
+                      "not something the paper states")
 
 
 def _chance(runs: Sequence[Run]) -> float:
     return 0.01 if any(run.param("dataset") == "cifar100" for run in runs) else 0.1
 
 
-def _best(groups: dict[str, list[Run]], names: Iterable[str], key: str, lowest: bool) -> str | None:
-    scored = [(final_stat(groups[n], key).mean, n) for n in names
-              if final_stat(groups[n], key).n]
-    if not scored:
-        return None
-    return (min if lowest else max)(scored)[1]
-
-
-def _versus(agd: list[Run], other: list[Run], name: str) -> Finding:
-    """'AGD loses to NAME by X points (beyond / within the seed spread)' or 'AGD beats ...'."""
-    a, b = final_stat(agd, "test_acc"), final_stat(other, "test_acc")
-    if not (a.n and b.n):
-        return Finding(f"AGD vs {name}: not comparable (a run diverged)")
-    gap = (b.mean - a.mean) * 100
-    if abs(gap) < 0.05:
-        return Finding(f"AGD ties with {name} (test accuracy {a.mean * 100:.1f}%)")
-    beyond = a.hi < b.lo if gap > 0 else b.hi < a.lo
-    where = "beyond the seed spread" if beyond else "within the seed spread"
-    if gap > 0:
-        return Finding("", f"AGD loses to {name}", f" by {gap:.1f} points of test accuracy ({where})")
-    return Finding(f"AGD beats {name} by {-gap:.1f} points of test accuracy ({where})")
-
-
-def _accuracy_cells(members: Sequence[Run]) -> list[str]:
-    """seeds, test acc mean ± sd, test acc min–max, final train loss: every table's columns."""
-    acc = final_stat(members, "test_acc")
-    return [str(len(members)), _pct(acc), acc.fmt_range(100), _loss(final_stat(members, "train_loss"))]
-
-
-ACCURACY_HEADERS = ["seeds", "test acc %", "test acc % (min–max)", "final train loss"]
-
-
 def render_lr(runs: Sequence[Run]) -> Section:
     groups = group_runs(runs)
     rows = [[m[0].param("optimizer"), "-" if m[0].param("lr") is None else f"{m[0].param('lr'):g}",
-             *_accuracy_cells(m)] for m in groups.values()]
+             *accuracy_cells(m)] for m in groups.values()]
     section = Section([markdown_table(["optimizer", "lr", *ACCURACY_HEADERS], rows), "",
                        f"Paper: {PAPER_LR}.", "", "Ours:", ""])
     agd = groups.get("agd")
     for optimizer in ("adam", "sgd"):
         names = [g for g, m in groups.items() if m[0].param("optimizer") == optimizer]
-        by_acc, by_loss = _best(groups, names, "test_acc", False), _best(groups, names, "train_loss", True)
+        by_acc, by_loss = best_group(groups, names, "test_acc", False), best_group(groups, names, "train_loss", True)
         if by_acc is None or by_loss is None:
             continue
         lr_acc, lr_loss = groups[by_acc][0].param("lr"), groups[by_loss][0].param("lr")
@@ -135,9 +72,9 @@ def render_lr(runs: Sequence[Run]) -> Section:
             a, b = final_stat(agd, "train_loss"), final_stat(groups[by_loss], "train_loss")
             beaten = sum(not final_stat(groups[n], "test_acc").n or final_stat(agd, "test_acc").mean
                          > final_stat(groups[n], "test_acc").mean for n in names)
-            lead, tail = f"AGD's final train loss {_loss(a)} is ", f" than {optimizer}'s lowest ({_loss(b)})"
+            lead, tail = f"AGD's final train loss {loss_text(a)} is ", f" than {optimizer}'s lowest ({loss_text(b)})"
             loss = Finding(lead + "lower" + tail) if a.mean < b.mean else Finding(lead, "higher", tail)
-            line += (f". {section.state(_versus(agd, groups[by_acc], f'{optimizer} at lr {lr_acc:g}'))}. "
+            line += (f". {section.state(versus(agd, groups[by_acc], f'{optimizer} at lr {lr_acc:g}'))}. "
                      f"{section.state(loss)}. AGD beats {optimizer} at {beaten} of {len(names)} "
                      "learning rates")
         section.lines.append(line + ".")
@@ -149,7 +86,7 @@ def render_shape(runs: Sequence[Run]) -> Section:
     cells = {(m[0].param("depth"), m[0].param("width")): m for m in groups.values()}
     depths = sorted({d for d, _ in cells})
     widths = sorted({w for _, w in cells})
-    rows = [[f"depth {d}"] + [_pct(final_stat(cells[(d, w)], "test_acc")) if (d, w) in cells
+    rows = [[f"depth {d}"] + [pct(final_stat(cells[(d, w)], "test_acc")) if (d, w) in cells
                               else "-" for w in widths] for d in depths]
     section = Section([markdown_table(["test acc %"] + [f"width {w}" for w in widths], rows), "",
                        f"Paper: {PAPER_SHAPE}.", ""])
@@ -163,17 +100,23 @@ def render_shape(runs: Sequence[Run]) -> Section:
         verdict = section.state(worse) + "."
     else:
         verdict = f"AGD trains at all {len(cells)} shapes (every cell above twice chance)."
-    section.lines.append(f"Ours: best {_pct(final_stat(cells[best], 'test_acc'))}% at depth {best[0]}, "
+    section.lines.append(f"Ours: best {pct(final_stat(cells[best], 'test_acc'))}% at depth {best[0]}, "
                          f"width {best[1]}. {verdict}")
     return section
 
 
-def render_batch(runs: Sequence[Run]) -> Section:
+def _render_batch(runs: Sequence[Run], budget: str, epochs_column: bool) -> Section:
+    """Test accuracy by batch size beside the paper's, and the verdict: does it hold up at the
+    largest batch? ``budget`` says what the runs had in common; ``epochs_column`` adds the epochs
+    each batch size ran (for runs with a step budget)."""
     groups = group_runs(runs)
-    rows = [[m[0].param("train_bs"), *_accuracy_cells(m),
+    rows = [[m[0].param("train_bs"),
+             *([f"{stat(r.final('epoch') for r in m).hi:.0f}"] if epochs_column else []), *accuracy_cells(m),
              f"{PAPER_BATCH[m[0].param('train_bs')]:.1f}" if m[0].param("train_bs") in PAPER_BATCH else "-"]
             for m in groups.values()]
-    section = Section([markdown_table(["batch size", *ACCURACY_HEADERS, "paper test acc % (CIFAR-10)"], rows), ""])
+    headers = ["batch size", *(["epochs"] if epochs_column else []), *ACCURACY_HEADERS,
+               "paper test acc % (CIFAR-10)"]
+    section = Section([markdown_table(headers, rows), ""])
     accs = {m[0].param("train_bs"): final_stat(m, "test_acc") for m in groups.values()}
     finite = {b: s for b, s in accs.items() if s.n}
     if finite:
@@ -181,19 +124,32 @@ def render_batch(runs: Sequence[Run]) -> Section:
         drop = (finite[best].mean - finite[largest].mean) * 100
         fall = f"at batch {largest} AGD's test accuracy is {drop:.1f} points below its best"
         if drop > 1:
-            verdict = section.state(Finding("", f"Unlike the paper's, {fall}",
-                                            " (the paper's rises from batch 32 to 1024 and holds at 4096)"))
+            verdict = Finding("", f"Unlike the paper's, {fall}",
+                              " (the paper's rises from batch 32 to 1024 and holds at 4096)")
         else:
-            verdict = f"As in the paper, {fall} (the paper's holds from 1024 to 4096)"
-        section.lines.append(f"Ours: best at batch {best} ({_pct(finite[best])}%). Every run has the same "
-                             f"number of epochs, so a larger batch takes fewer steps. {verdict}.")
+            verdict = Finding(f"As in the paper, {fall} (the paper's holds from 1024 to 4096)")
+        section.lines.append(f"Ours: best at batch {best} ({pct(finite[best])}%). {budget} "
+                             f"{section.state(verdict)}.")
+    return section
+
+
+def render_batch(runs: Sequence[Run]) -> Section:
+    return _render_batch(runs, "Every run has the same number of epochs, so a larger batch takes fewer steps.",
+                         epochs_column=False)
+
+
+def render_batch_steps(runs: Sequence[Run]) -> Section:
+    steps = ", ".join(sorted({str(run.param("steps")) for run in runs}))
+    section = _render_batch(runs, f"Every run takes the same {steps} steps, so a larger batch sees more "
+                                  "examples (more epochs).", epochs_column=True)
+    section.lines += ["", f"{PAPER_BATCH_BUDGET}."]
     return section
 
 
 def render_peers(runs: Sequence[Run]) -> Section:
     groups = group_runs(runs)
     adam = [g for g, m in groups.items() if m[0].param("optimizer") == "adam"]
-    tuned = _best(groups, adam, "test_acc", lowest=False)
+    tuned = best_group(groups, adam, "test_acc", lowest=False)
     shown = {g: m for g, m in groups.items() if g not in adam or g == tuned}
     order = sorted(shown, key=lambda g: -final_stat(shown[g], "test_acc").mean
                    if final_stat(shown[g], "test_acc").n else math.inf)
@@ -205,38 +161,54 @@ def render_peers(runs: Sequence[Run]) -> Section:
             lrs = ", ".join(f"{groups[g][0].param('lr'):g}" for g in adam)
             label = f"adam (tuned: best of lr {lrs}) lr {members[0].param('lr'):g}"
         seconds = stat(row.get("epoch_seconds", math.nan) for run in members for row in run.metrics)
-        rows.append([rank, label, *_accuracy_cells(members), seconds.fmt(1, 2)])
+        rows.append([rank, label, *accuracy_cells(members), seconds.fmt(1, 2)])
     section = Section([markdown_table(["rank", "optimizer", *ACCURACY_HEADERS, "s / epoch"], rows), "",
                        f"Paper: {PAPER_PEERS}.", ""])
     if "agd" in shown:
         section.lines += [f"Ours: AGD ranks {order.index('agd') + 1} of {len(order)} by mean test accuracy.", ""]
-        section.lines += [f"- {section.state(_versus(shown['agd'], shown[g], g if g != tuned else 'tuned Adam'))}."
+        section.lines += [f"- {section.state(versus(shown['agd'], shown[g], g if g != tuned else 'tuned Adam'))}."
                           for g in order if g != "agd"]
     return section
 
 
-SHORT = {"lr": "Learning rate", "shape": "Shape", "batch": "Batch size", "peers": "Peers"}
-RENDERERS = {"lr": render_lr, "shape": render_shape, "batch": render_batch, "peers": render_peers}
+SHORT = {"lr": "Learning rate", "shape": "Shape", "batch": "Batch size", "batch-steps": "Batch size at equal steps",
+         "peers": "Peers", "momentum": "Momentum", "models": "Models"}
+RENDERERS: dict[str, Callable[[Sequence[Run]], Section]] = {
+    "lr": render_lr, "shape": render_shape, "batch": render_batch, "batch-steps": render_batch_steps,
+    "peers": render_peers, "momentum": results_momentum.render_momentum, "models": results_models.render_models,
+}
 TITLES = {
     "lr": "Learning rate: Adam and SGD over lr beside AGD (paper fig. 2)",
     "shape": "Shape: FCN depth x width under AGD (paper fig. 3)",
     "batch": "Batch size under AGD (paper fig. 4)",
+    "batch-steps": "Batch size at equal steps",
     "peers": "AGD vs learning-rate-free peers and tuned Adam",
+    "momentum": "Momentum: AGD with momentum 0 and 0.9 against tuned Adam",
+    "models": "AGD on models nobody here wrote, and the paper's ResNet-18 under both counts of L",
 }
+# Grids with a figure of their own (runs, title) -> Figure; the others get plot.py's six panels.
+FIGURES = {"momentum": results_momentum.figure, "models": results_models.figure}
 
 
 def _setup(runs: Sequence[Run]) -> str:
     """What the runs were: one line per grid-wide setting, read from config.json."""
-    def values(key):
-        found = sorted({str(run.param(key)) for run in runs if run.param(key) is not None})
+    def values(key, among=runs):
+        found = sorted({str(run.param(key)) for run in among if run.param(key) is not None},
+                       key=lambda v: (not v.isdigit(), int(v) if v.isdigit() else 0, v))
         return ", ".join(found) if found else "-"
 
     seeds = {run.param("seed") for run in runs}
     cpu = sum(float(row.get("epoch_seconds") or 0) for run in runs for row in run.metrics)
     commits = values("git_commit")
+    budget = f"; epochs: {values('epochs')}"
+    with_steps = [run for run in runs if run.param("steps") is not None]
+    if with_steps:  # a run with a step budget ignores its (default) epochs
+        by_epochs = [run for run in runs if run.param("steps") is None]
+        budget = (f"; epochs: {values('epochs', by_epochs)}" if by_epochs else "") + \
+            f"; steps: {values('steps', with_steps)}"
     return (f"{len(runs)} runs ({sum(r.finished for r in runs)} finished); seeds per configuration: "
             f"{len(seeds)}; dataset: {values('dataset')}"
-            + f"; epochs: {values('epochs')}; torch-agd {values('version')}"
+            + f"{budget}; torch-agd {values('version')}"
             + (f", git HEAD when run {commits}" if commits != "-" else "")
             + f"; {cpu / 60:.1f} minutes of epoch time (training and evaluation) in all.")
 
@@ -257,13 +229,14 @@ def render_markdown(root: Path, grids: dict[str, list[Run]], figures: dict[str, 
     root = Path(root)
     losses, body = [], []
     for grid in GRID_ORDER:
-        body += [f"## {TITLES[grid]}", ""]
+        body += [f"{'###' if grid in SUBSECTIONS else '##'} {TITLES[grid]}", ""]
         if grid not in grids:
             body += [f"Not run: no runs under `{root / grid}` (run `agd sweep {grid}`).", ""]
             continue
         runs = grids[grid]
         section = RENDERERS[grid](runs)
-        losses += [f"- {SHORT[grid]}: {finding.text}" for finding in section.findings if finding.worse]
+        losses += [f"- {SHORT[grid]}: {finding.topic + ': ' if finding.topic else ''}{finding.text}"
+                   for finding in section.findings if finding.worse]
         body += [_setup(runs), "", section.text, "", f"![{grid}]({figures[grid]})", ""]
         unfinished = [run.name for run in runs if not run.finished]
         if unfinished:
@@ -275,15 +248,22 @@ def render_markdown(root: Path, grids: dict[str, list[Run]], figures: dict[str, 
                       "## Where AGD loses", "", *(losses or ["Nowhere in these runs."]), "", *body])
 
 
+def _figure(grid: str, runs: Sequence[Run]):
+    if grid in FIGURES:
+        return FIGURES[grid](runs, TITLES[grid])
+    return make_figure(runs, TITLES[grid], GRID_KINDS[grid])
+
+
 def render_page(root: Path, page: Path, figures: Path) -> str:
-    """docs/results.md from ROOT/{lr,shape,batch,peers}; writes the figures under ``figures``."""
+    """docs/results.md from ROOT/<grid> for each grid of GRID_ORDER; writes the figures under
+    ``figures``."""
     root, page, figures = Path(root), Path(page), Path(figures)
     grids = read_grids(root)
     if not grids:
         raise UsageError(f"no runs under {root}/{{{','.join(GRID_ORDER)}}}; run the sweeps first")
     links = {}
     for grid, runs in grids.items():
-        png = save_figure(make_figure(runs, TITLES[grid], GRID_KINDS[grid]), figures / f"{grid}.png")
+        png = save_figure(_figure(grid, runs), figures / f"{grid}.png")
         links[grid] = os.path.relpath(png, page.parent)
     return render_markdown(root, grids, links)
 
@@ -291,7 +271,7 @@ def render_page(root: Path, page: Path, figures: Path) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_agd.experiments.results",
                                      description="write docs/results.md from sweep directories")
-    parser.add_argument("root", type=Path, help="directory holding the lr, shape, batch, peers sweeps")
+    parser.add_argument("root", type=Path, help="directory holding the sweeps: " + ", ".join(GRID_ORDER))
     parser.add_argument("--out", type=Path, default=Path("docs/results.md"))
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
     args = parser.parse_args(argv)

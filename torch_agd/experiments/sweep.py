@@ -6,13 +6,8 @@ flight. Re-running a sweep skips runs that wrote summary.json, resumes (``--resu
 left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's flags, so a
 second sweep with other settings into the same directory is refused instead of silently mixed.
 
-Grids (``--scale paper``: the paper's settings on CIFAR-10; ``--scale small``: Fashion-MNIST,
-small FCNs, a few epochs, sized to finish on a 2-core CPU in minutes):
-- lr:    Adam and SGD over lr in {1e-5, ..., 1e-1} beside AGD on one FCN (paper fig. 2);
-- shape: FCN width x depth under AGD (fig. 3);
-- batch: AGD on a 4-layer FCN over batch sizes 32 ... 4096 (fig. 4);
-- peers: AGD vs Prodigy, D-Adaptation Adam, DoG, Schedule-Free AdamW and Adam over a few lrs
-         (its best lr is "tuned Adam"), on one FCN.
+The grids (lr, shape, batch, peers, batch-steps, momentum, models) and their scales are defined
+in grids.py.
 """
 
 from __future__ import annotations
@@ -23,133 +18,17 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
 
 from torch_agd.errors import UsageError
+from torch_agd.experiments.grids import GRIDS, SCALES, RunSpec, grid_runs
 from torch_agd.experiments.runs import (
-    SWEEP_MANIFEST, Run, final_stat, group_runs, has_metrics, load_run, markdown_table, run_name,
+    SWEEP_MANIFEST, Run, final_stat, group_runs, has_metrics, load_run, markdown_table,
 )
 from torch_agd.train import rundir
-from torch_agd.train.optimizers import PEERS
-
-LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Everything a grid needs to know about its scale."""
-
-    dataset: str
-    epochs: int | None  # None: the trainer's default (the published 200)
-    fcn: tuple[int, int]  # (depth, width) of the FCN in the lr and peers grids
-    shape_depths: tuple[int, ...]
-    shape_widths: tuple[int, ...]
-    batch_sizes: tuple[int, ...]
-    batch_fcn: tuple[int, int]  # (depth, width) of the FCN in the batch grid
-    peer_adam_lrs: tuple[float, ...]  # Adam is tuned over these in the peers grid
-    batch_size: int = 128  # the published --train_bs, for every grid but batch
-
-
-SCALES = {
-    # The paper's settings: FCN depth 8 width 256 for the lr sweep (fig. 2), width 64..2048
-    # x depth 2..32 for the shape sweep, a 4-layer FCN over batch 32..4096, and the depth-16
-    # width-512 FCN of the published CIFAR-10 table for the peers.
-    "paper": Scale(
-        dataset="cifar10", epochs=None, fcn=(8, 256),
-        shape_depths=(2, 4, 8, 16, 32), shape_widths=(64, 128, 256, 512, 1024, 2048),
-        batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 256), peer_adam_lrs=LRS,
-    ),
-    # Sized for ~20 CPU-minutes for all four grids at 3 seeds (105 runs), one torch thread per
-    # run, on the whole 60k-image training set: `agd train` has no subset flag, and a run's
-    # start-up (torch import, data load: ~4 s of CPU) already costs about one epoch of these FCNs.
-    "small": Scale(
-        dataset="fashion-mnist", epochs=3, fcn=(8, 128),
-        shape_depths=(2, 4, 8, 16), shape_widths=(32, 64, 128),
-        batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
-    ),
-}
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One ``agd train`` run of a grid: its directory name, group and flags (without --out)."""
-
-    name: str
-    group: str
-    seed: int
-    argv: tuple[str, ...]
-
-
-def _lr_tag(lr: float) -> str:
-    return f"lr{lr:.0e}"  # 1e-05 -> "lr1e-05": sorts and reads well in a directory listing
-
-
-def _spec(group: str, seed: int, s: Scale, dataset: str, *, optimizer: str, depth: int,
-          width: int, batch: int | None = None, lr: float | None = None) -> RunSpec:
-    argv = ["--arch", "fcn", "--dataset", dataset, "--depth", str(depth), "--width", str(width),
-            "--train_bs", str(batch or s.batch_size), "--optimizer", optimizer,
-            "--seed", str(seed)]
-    if lr is not None:
-        argv += ["--lr", f"{lr:g}"]
-    if s.epochs is not None:
-        argv += ["--epochs", str(s.epochs)]
-    return RunSpec(run_name(group, seed), group, seed, tuple(argv))
-
-
-def _lr_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
-    depth, width = s.fcn
-    specs = [_spec("agd", seed, s, dataset, optimizer="agd", depth=depth, width=width)]
-    for optimizer in ("adam", "sgd"):
-        specs += [_spec(f"{optimizer}-{_lr_tag(lr)}", seed, s, dataset, optimizer=optimizer,
-                        depth=depth, width=width, lr=lr) for lr in LRS]
-    return specs
-
-
-def _shape_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
-    return [_spec(f"d{depth}-w{width}", seed, s, dataset, optimizer="agd", depth=depth, width=width)
-            for depth in s.shape_depths for width in s.shape_widths]
-
-
-def _batch_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
-    depth, width = s.batch_fcn
-    return [_spec(f"bs{batch}", seed, s, dataset, optimizer="agd", depth=depth, width=width,
-                  batch=batch) for batch in s.batch_sizes]
-
-
-def _peers_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
-    depth, width = s.fcn
-    specs = [_spec(name, seed, s, dataset, optimizer=name, depth=depth, width=width)
-             for name in ("agd", *PEERS)]
-    specs += [_spec(f"adam-{_lr_tag(lr)}", seed, s, dataset, optimizer="adam", depth=depth,
-                    width=width, lr=lr) for lr in s.peer_adam_lrs]
-    return specs
-
-
-GRIDS: dict[str, Callable[[Scale, str, int], list[RunSpec]]] = {
-    "lr": _lr_grid, "shape": _shape_grid, "batch": _batch_grid, "peers": _peers_grid,
-}
-
-
-def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | None = None,
-              epochs: int | None = None, extra: Sequence[str] = ()) -> list[RunSpec]:
-    """The runs of grid ``name``, seed-major (every config at seed 0 first, so an interrupted
-    sweep already covers the whole grid once). ``extra`` flags go to every run."""
-    if name not in GRIDS:
-        raise UsageError(f"unknown sweep '{name}'; choose one of {', '.join(GRIDS)}")
-    if scale not in SCALES:
-        raise UsageError(f"unknown --scale '{scale}'; choose one of {', '.join(SCALES)}")
-    if seeds < 1:
-        raise UsageError(f"--seeds must be at least 1, got {seeds}")
-    s = SCALES[scale]
-    if epochs is not None:
-        if epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {epochs}")
-        s = replace(s, epochs=epochs)
-    specs = [spec for seed in range(seeds) for spec in GRIDS[name](s, dataset or s.dataset, seed)]
-    return [replace(spec, argv=spec.argv + tuple(extra)) for spec in specs]
 
 
 # --- running -------------------------------------------------------------------------------
@@ -273,14 +152,15 @@ def summary_table(runs: Sequence[Run]) -> str:
 # --- command line --------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=sorted(GRIDS), help="which grid: lr, shape, batch or peers")
+    parser.add_argument("name", choices=list(GRIDS), help="which grid: " + ", ".join(GRIDS))
     parser.add_argument("--scale", choices=sorted(SCALES), default="small",
                         help="paper: the paper's settings on cifar10; small: fashion-mnist, CPU-sized")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (0..N-1)")
     parser.add_argument("--root", type=Path, default=Path("runs"),
                         help="runs go to ROOT/NAME/<run>/ (default runs)")
     parser.add_argument("--dataset", default=None, help="override the scale's dataset")
-    parser.add_argument("--epochs", type=int, default=None, help="override the scale's epochs")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override the scale's epochs (lr, shape, batch, peers; batch-steps: its steps follow)")
     parser.add_argument("--data-dir", "--data_dir", dest="data_dir", default=None,
                         help="passed to agd train --data-dir")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")

@@ -117,6 +117,10 @@ class AGDWithAdamW:
         return self.agd.eta
 
     @property
+    def depth(self) -> int:
+        return self.agd.depth
+
+    @property
     def skipped_steps(self):
         return self.agd.skipped_steps
 

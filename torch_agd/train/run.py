@@ -51,11 +51,12 @@ def _check_new_run_dir(out: Path) -> None:
         raise UsageError(f"--out {out} is a file, not a directory")
 
 
-def _start_run_dir(out: Path, config: dict) -> None:
+def _start_run_dir(out: Path, config: dict, optimizer) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from torch_agd import __version__
 
-    rundir.write_json(out / rundir.CONFIG, {**config, "version": __version__, "git_commit": _git_commit()})
+    agd_L = {"agd_L": optimizer.depth} if hasattr(optimizer, "depth") else {}  # the L that AGD uses
+    rundir.write_json(out / rundir.CONFIG, {**config, **agd_L, "version": __version__, "git_commit": _git_commit()})
 
 
 # ------------------------------------------------------------------------ reporting
@@ -243,7 +244,7 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     data.train.check_batch_size(config["train_bs"], rank=env.rank, world_size=env.world_size,
                                 name="--train_bs")  # before the run directory is written
     if env.is_master and not resuming:
-        _start_run_dir(out, config)
+        _start_run_dir(out, config, optimizer)
     history: list[dict] = []
     start = 0
     checkpoint = fsdp.checkpoint_path(out, sharded=config["fsdp"], resuming=resuming)

@@ -1,0 +1,252 @@
+"""The grids of ``agd sweep NAME``: which ``agd train`` runs each one is, at each scale.
+
+A grid is a function (Scale, dataset, seed) -> [RunSpec]; ``grid_runs`` gives a grid's runs over
+seeds, seed-major. Everything a grid needs to know about its scale is a field of ``Scale``, so a
+budget lives in one place (SCALES below). sweep.py runs them.
+
+Grids (``--scale paper``: the paper's settings on CIFAR-10; ``--scale small``: Fashion-MNIST,
+small networks, a few epochs or steps, sized for a 2-core CPU):
+- lr:    Adam and SGD over lr in {1e-5, ..., 1e-1} beside AGD on one FCN (paper fig. 2);
+- shape: FCN width x depth under AGD (fig. 3);
+- batch: AGD on a 4-layer FCN over batch sizes 32 ... 4096 (fig. 4);
+- peers: AGD vs Prodigy, D-Adaptation Adam, DoG, Schedule-Free AdamW and Adam over a few lrs
+         (its best lr is "tuned Adam"), on one FCN;
+- batch-steps: the batch grid at equal steps: every batch size trains as many steps as the
+         batch-128 run of the batch grid (issue 13);
+- momentum: AGD with momentum 0 and 0.9 (Nesterov and heavy ball) against Adam over a few lrs, on
+         the paper's FCN at two budgets and on a small CNN (issue 13);
+- models: AGD on models nobody here wrote (torchvision's ResNet-18 and ViT, a byte-level LM) against
+         AdamW over a few lrs, Prodigy, Schedule-Free and the AGD+AdamW fallback, at equal steps;
+         and the paper's ResNet-18 under both counts of AGD's depth L (issue 10).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Callable, Sequence
+
+from torch_agd.errors import UsageError
+from torch_agd.experiments.runs import run_name
+from torch_agd.train.config import FLAGS
+from torch_agd.train.optimizers import PEERS
+
+LRS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+PAPER_FCN = (8, 256)  # (depth, width): the FCN of the paper's fig. 2
+TRAINER_EPOCHS = FLAGS["epochs"][1]  # what a run without --epochs trains: the published 200
+# Training images per epoch (the last partial batch is dropped), for step budgets in epochs.
+TRAIN_IMAGES = {"mnist": 60_000, "fashion-mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000}
+
+
+@dataclass(frozen=True)
+class Scale:
+    """Everything a grid needs to know about its scale."""
+
+    dataset: str
+    epochs: int | None  # None: the trainer's default (the published 200)
+    fcn: tuple[int, int]  # (depth, width) of the FCN in the lr and peers grids
+    shape_depths: tuple[int, ...]
+    shape_widths: tuple[int, ...]
+    batch_sizes: tuple[int, ...]
+    batch_fcn: tuple[int, int]  # (depth, width) of the FCN in the batch grid
+    peer_adam_lrs: tuple[float, ...]  # Adam is tuned over these in the peers grid
+    momentum_settings: tuple[tuple[str, int], ...]  # (--arch, epochs) of each momentum setting
+    models_steps: int  # step budget of the vision models in the models grid
+    lm_steps: int  # step budget of the language model in the models grid
+    paper_resnet_steps: int  # step budget of the paper's ResNet-18 in the models grid
+    batch_size: int = 128  # the published --train_bs, for every grid but batch (and the LM's)
+
+
+SCALES = {
+    # The paper's settings: FCN depth 8 width 256 for the lr sweep (fig. 2), width 64..2048
+    # x depth 2..32 for the shape sweep, a 4-layer FCN over batch 32..4096, and the depth-16
+    # width-512 FCN of the published CIFAR-10 table for the peers.
+    "paper": Scale(
+        dataset="cifar10", epochs=None, fcn=(8, 256),
+        shape_depths=(2, 4, 8, 16, 32), shape_widths=(64, 128, 256, 512, 1024, 2048),
+        batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 256), peer_adam_lrs=LRS,
+        # Momentum at a tenth of the published budget and at all of it; the CNN at the tenth.
+        momentum_settings=(("fcn", 20), ("fcn", 200), ("cnn", 20)),
+        # The vision models for 20 epochs of CIFAR-10 at batch 128, the LM for 10k steps, and the
+        # paper's ResNet-18 for its published 200 epochs.
+        models_steps=20 * (50_000 // 128), lm_steps=10_000, paper_resnet_steps=200 * (50_000 // 128),
+    ),
+    # Sized for ~20 CPU-minutes for the four grids of the paper's figures at 3 seeds (105 runs),
+    # one torch thread per run, on the whole 60k-image training set: `agd train` has no subset
+    # flag, and a run's start-up (torch import, data load: ~4 s of CPU) already costs about one
+    # epoch of these FCNs. batch-steps adds ~10 CPU-minutes; momentum and models take hours
+    # (docs/experiments.md has the estimates).
+    "small": Scale(
+        dataset="fashion-mnist", epochs=3, fcn=(8, 128),
+        shape_depths=(2, 4, 8, 16), shape_widths=(32, 64, 128),
+        batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
+        momentum_settings=(("fcn", 3), ("fcn", 10), ("cnn", 3)),
+        # The paper's ResNet-18 is the slowest network on a CPU by far: fewer steps.
+        models_steps=500, lm_steps=500, paper_resnet_steps=150,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One ``agd train`` run of a grid: its directory name, group and flags (without --out)."""
+
+    name: str
+    group: str
+    seed: int
+    argv: tuple[str, ...]
+
+
+def _lr_tag(lr: float) -> str:
+    return f"lr{lr:.0e}"  # 1e-05 -> "lr1e-05": sorts and reads well in a directory listing
+
+
+def _spec(group: str, seed: int, s: Scale, dataset: str, *, optimizer: str, depth: int,
+          width: int, batch: int | None = None, lr: float | None = None,
+          steps: int | None = None) -> RunSpec:
+    argv = ["--arch", "fcn", "--dataset", dataset, "--depth", str(depth), "--width", str(width),
+            "--train_bs", str(batch or s.batch_size), "--optimizer", optimizer,
+            "--seed", str(seed)]
+    if lr is not None:
+        argv += ["--lr", f"{lr:g}"]
+    if steps is not None:
+        argv += ["--steps", str(steps)]
+    elif s.epochs is not None:
+        argv += ["--epochs", str(s.epochs)]
+    return RunSpec(run_name(group, seed), group, seed, tuple(argv))
+
+
+def _flag_spec(group: str, seed: int, *flags: str) -> RunSpec:
+    """A run of ``agd train FLAGS --seed SEED``: the grids whose networks are not all FCNs."""
+    return RunSpec(run_name(group, seed), group, seed, (*flags, "--seed", str(seed)))
+
+
+def _lr_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.fcn
+    specs = [_spec("agd", seed, s, dataset, optimizer="agd", depth=depth, width=width)]
+    for optimizer in ("adam", "sgd"):
+        specs += [_spec(f"{optimizer}-{_lr_tag(lr)}", seed, s, dataset, optimizer=optimizer,
+                        depth=depth, width=width, lr=lr) for lr in LRS]
+    return specs
+
+
+def _shape_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    return [_spec(f"d{depth}-w{width}", seed, s, dataset, optimizer="agd", depth=depth, width=width)
+            for depth in s.shape_depths for width in s.shape_widths]
+
+
+def _batch_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.batch_fcn
+    return [_spec(f"bs{batch}", seed, s, dataset, optimizer="agd", depth=depth, width=width,
+                  batch=batch) for batch in s.batch_sizes]
+
+
+def batch_steps(s: Scale, dataset: str) -> int:
+    """The batch-steps grid's budget for every batch size: the steps that the batch grid's
+    batch-128 run takes (the scale's epochs of ``dataset`` at the published batch size)."""
+    if dataset not in TRAIN_IMAGES:
+        raise UsageError(f"sweep batch-steps needs the training-set size of --dataset {dataset}; "
+                         f"it knows {', '.join(TRAIN_IMAGES)}")
+    return (s.epochs or TRAINER_EPOCHS) * (TRAIN_IMAGES[dataset] // s.batch_size)
+
+
+def _batch_steps_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.batch_fcn
+    steps = batch_steps(s, dataset)
+    return [_spec(f"bs{batch}", seed, s, dataset, optimizer="agd", depth=depth, width=width,
+                  batch=batch, steps=steps) for batch in s.batch_sizes]
+
+
+def _peers_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    depth, width = s.fcn
+    specs = [_spec(name, seed, s, dataset, optimizer=name, depth=depth, width=width)
+             for name in ("agd", *PEERS)]
+    specs += [_spec(f"adam-{_lr_tag(lr)}", seed, s, dataset, optimizer="adam", depth=depth,
+                    width=width, lr=lr) for lr in s.peer_adam_lrs]
+    return specs
+
+
+# The momentum grid: AGD's configurations (name -> flags) and the lrs Adam is tuned over.
+MOMENTUM_CONFIGS = {
+    "agd": (),
+    "agd-m0.9": ("--momentum", "0.9"),  # Nesterov: the form --momentum takes by default
+    "agd-m0.9-hb": ("--momentum", "0.9", "--momentum-form", "heavy-ball"),
+}
+MOMENTUM_ADAM_LRS = (1e-4, 3e-4, 1e-3, 3e-3)
+
+
+def _momentum_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    """Per setting (network, epochs), named ``<arch>-e<epochs>-<config>``: AGD's three
+    configurations and Adam over MOMENTUM_ADAM_LRS. The FCN is the paper's (depth 8, width 256)."""
+    configs = [(name, ("--optimizer", "agd", *flags)) for name, flags in MOMENTUM_CONFIGS.items()]
+    configs += [(f"adam-{_lr_tag(lr)}", ("--optimizer", "adam", "--lr", f"{lr:g}"))
+                for lr in MOMENTUM_ADAM_LRS]
+    specs = []
+    for arch, epochs in s.momentum_settings:
+        shape = ("--depth", str(PAPER_FCN[0]), "--width", str(PAPER_FCN[1])) if arch == "fcn" else ()
+        base = ("--arch", arch, *shape, "--dataset", dataset, "--train_bs", str(s.batch_size),
+                "--epochs", str(epochs))
+        specs += [_flag_spec(f"{arch}-e{epochs}-{name}", seed, *base, *flags) for name, flags in configs]
+    return specs
+
+
+# The models grid: every model gets these configurations (name -> flags), AdamW over these lrs.
+ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+MODEL_CONFIGS = {
+    "agd": ("--optimizer", "agd"),  # the default gain and the default L (auto on these models)
+    "agd-L-weights": ("--optimizer", "agd", "--agd-depth", "weights"),  # the paper's count of L
+    **{f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}") for lr in ADAMW_LRS},
+    "prodigy": ("--optimizer", "prodigy"),
+    "schedulefree": ("--optimizer", "schedulefree"),
+    "agd+adamw": ("--optimizer", "agd+adamw"),  # the fallback: AGD on the matrices, AdamW elsewhere
+}
+VISION_MODELS = ("tv-resnet18", "tv-vit")
+LANGUAGE_MODEL = ("charlm", "stdlib", 32)  # --arch, --dataset, --train_bs
+# The paper's own ResNet-18 under both counts of L (21 weight tensors, 10 layers in series).
+PAPER_RESNET_CONFIGS = {"agd-L-weights": ("--optimizer", "agd", "--agd-depth", "weights"),
+                        "agd-L-auto": ("--optimizer", "agd", "--agd-depth", "auto")}
+MODELS_TEST_BS = 500  # evaluation batch: fewer, larger batches than the default 128
+
+
+def _models_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    """Per model, named ``<arch>-<config>``: MODEL_CONFIGS at equal steps on the vision models
+    (``dataset``, cross-entropy) and the LM, then the paper's ResNet-18 (its square loss)."""
+    arch, text, text_bs = LANGUAGE_MODEL
+    test_bs = ("--test_bs", str(MODELS_TEST_BS))
+    vision = ("--dataset", dataset, "--loss", "xent", "--train_bs", str(s.batch_size), *test_bs,
+              "--steps", str(s.models_steps))
+    models = [(model, vision, MODEL_CONFIGS) for model in VISION_MODELS]
+    models.append((arch, ("--dataset", text, "--loss", "xent", "--train_bs", str(text_bs), *test_bs,
+                          "--steps", str(s.lm_steps)), MODEL_CONFIGS))
+    models.append(("resnet18", ("--dataset", dataset, "--loss", "mse", "--train_bs", str(s.batch_size),
+                                *test_bs, "--steps", str(s.paper_resnet_steps)), PAPER_RESNET_CONFIGS))
+    return [_flag_spec(f"{model}-{name}", seed, "--arch", model, *base, *flags)
+            for model, base, configs in models for name, flags in configs.items()]
+
+
+GRIDS: dict[str, Callable[[Scale, str, int], list[RunSpec]]] = {
+    "lr": _lr_grid, "shape": _shape_grid, "batch": _batch_grid, "batch-steps": _batch_steps_grid,
+    "peers": _peers_grid, "momentum": _momentum_grid, "models": _models_grid,
+}
+OWN_BUDGETS = ("momentum", "models")  # grids whose runs carry their own epochs or steps
+
+
+def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | None = None,
+              epochs: int | None = None, extra: Sequence[str] = ()) -> list[RunSpec]:
+    """The runs of grid ``name``, seed-major (every config at seed 0 first, so an interrupted
+    sweep already covers the whole grid once). ``extra`` flags go to every run."""
+    if name not in GRIDS:
+        raise UsageError(f"unknown sweep '{name}'; choose one of {', '.join(GRIDS)}")
+    if scale not in SCALES:
+        raise UsageError(f"unknown --scale '{scale}'; choose one of {', '.join(SCALES)}")
+    if seeds < 1:
+        raise UsageError(f"--seeds must be at least 1, got {seeds}")
+    s = SCALES[scale]
+    if epochs is not None:
+        if epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {epochs}")
+        if name in OWN_BUDGETS:
+            raise UsageError(f"--epochs does not apply to sweep {name}: its runs have their own "
+                             f"budgets (the scale's; see docs/experiments.md)")
+        s = replace(s, epochs=epochs)
+    specs = [spec for seed in range(seeds) for spec in GRIDS[name](s, dataset or s.dataset, seed)]
+    return [replace(spec, argv=spec.argv + tuple(extra)) for spec in specs]
