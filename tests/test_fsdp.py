@@ -260,11 +260,6 @@ def test_a_save_killed_at_any_point_leaves_a_complete_checkpoint(kill, one_rank,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "optimizer side: rules.infer_depth finds residual blocks by class name (RESIDUAL_BLOCKS), and "
-    "fully_shard renames a wrapped module's class to FSDP<name>; so AGD(model) on a sharded model "
-    "infers another L (here 4 instead of 3: the block's two convs count apart), and another eta, "
-    "than on the same model unsharded. The trainer passes the L of the unsharded model"))
 def test_agd_infers_the_same_depth_on_a_sharded_model(one_rank):
     from torch_agd import AGD
 

@@ -146,7 +146,7 @@ def _kind_in(module: nn.Module, attr: str) -> tuple[str, int] | None:
         if attr == "weight":
             return ("weight_t" if transposed else "weight"), groups
         return "bias", 1
-    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # Hugging Face GPT-2 style: (in, out)
+    if "Conv1D" in _class_names(module) and hasattr(module, "nf"):  # Hugging Face GPT-2 style: (in, out)
         return ("weight_t" if attr == "weight" else "bias"), 1
     if isinstance(module, _NORMS):
         return "norm", 1
@@ -274,8 +274,18 @@ RESIDUAL_BLOCKS = {
 }
 
 
+def _class_names(module: nn.Module) -> list[str]:
+    """The names of the module's class and its bases: fully_shard (FSDP2) turns a wrapped
+    module's class into a subclass named FSDP<name>, so a name check reads the bases too."""
+    return [cls.__name__ for cls in type(module).__mro__]
+
+
+def _residual_branches(module: nn.Module) -> int | None:
+    return next((RESIDUAL_BLOCKS[n] for n in _class_names(module) if n in RESIDUAL_BLOCKS), None)
+
+
 def _is_attention(module: nn.Module) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or type(module).__name__.endswith(("Attention", "SelfAttention"))
+    return isinstance(module, nn.MultiheadAttention) or any(n.endswith("Attention") for n in _class_names(module))
 
 
 def _branches(block: nn.Module) -> int:
@@ -308,12 +318,12 @@ def infer_depth(module: nn.Module, layer_ids: set[int]) -> int:
             for c in children:
                 counts[type(c)] = counts.get(type(c), 0) + 1
         for child in children:
-            name = type(child).__name__
+            known = _residual_branches(child)
             repeated = counts.get(type(child), 0) > 1 and _layer_tensors(child, layer_ids) > 1
-            if name in RESIDUAL_BLOCKS or repeated:
+            if known or repeated:
                 held = {id(p) for p in child.parameters() if id(p) in layer_ids} - inside
                 if held:
-                    depth += RESIDUAL_BLOCKS.get(name) or _branches(child)
+                    depth += known or _branches(child)
                     inside.update(held)
             else:
                 visit(child)
