@@ -60,8 +60,11 @@ def row_blocks(i, shape):
 
 
 def norm_blocks(gamma, numel, beta=None):
-    """Each channel's [gamma_i | beta_i], scale 1 (flat indices into the affine tensors)."""
-    return [([(gamma, ("flat", c))] + ([] if beta is None else [(beta, ("flat", c))]), 1.0) for c in range(numel)]
+    """A norm layer's [diag(gamma) | beta]: one block of every channel's gamma and beta, scale 1
+    (flat indices into the affine tensors)."""
+    pieces = [(gamma, ("flat", c)) for c in range(numel)]
+    pieces += [] if beta is None else [(beta, ("flat", c)) for c in range(numel)]
+    return [(pieces, 1.0)]
 
 
 def _get(t, idx):

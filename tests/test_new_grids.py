@@ -51,7 +51,7 @@ def test_batch_steps_follow_the_epochs_and_dataset_of_the_batch_grid():
 def test_momentum_grid_has_three_agd_configs_and_adam_per_setting_over_seeds():
     specs = grids.grid_runs("momentum", "small", seeds=3)
     settings = grids.SCALES["small"].momentum_settings
-    assert settings == (("fcn", 3), ("fcn", 10), ("cnn", 3))
+    assert settings == (("fcn", 3), ("fcn", 10), ("cnn", 2))
     per_setting = len(grids.MOMENTUM_CONFIGS) + len(grids.MOMENTUM_ADAM_LRS)
     assert per_setting == 7 and len(specs) == 3 * 3 * per_setting
     assert [s.seed for s in specs] == [0] * 21 + [1] * 21 + [2] * 21
@@ -82,11 +82,11 @@ def test_models_grid_runs_every_config_on_each_model_at_the_scales_step_budgets(
     monkeypatch.setitem(grids.SCALES, "small", replace(grids.SCALES["small"], models_steps=123, lm_steps=45,
                                                        paper_resnet_steps=6))
     specs = grids.grid_runs("models", "small", seeds=3)
-    configs = ["agd", "agd-L-weights", "adamw-lr3e-04", "adamw-lr1e-03", "adamw-lr3e-03", "adamw-lr1e-02",
-               "prodigy", "schedulefree", "agd+adamw"]
+    configs = ["agd", "agd-L-weights", "agd-m0.9", "adamw-lr3e-04", "adamw-lr1e-03", "adamw-lr3e-03",
+               "adamw-lr1e-02", "prodigy", "schedulefree", "agd+adamw"]
     expected = [f"{m}-{c}" for m in ("tv-resnet18", "tv-vit", "charlm") for c in configs]
     expected += ["resnet18-agd-L-weights", "resnet18-agd-L-auto"]
-    assert [s.group for s in specs if s.seed == 0] == expected and len(specs) == 3 * 29
+    assert [s.group for s in specs if s.seed == 0] == expected and len(specs) == 3 * 32
     for spec in specs:
         arch = _arg(spec, "--arch")
         assert spec.group.startswith(f"{arch}-") and _arg(spec, "--test_bs") == "500"
@@ -101,6 +101,8 @@ def test_models_grid_runs_every_config_on_each_model_at_the_scales_step_budgets(
             assert (_arg(spec, "--optimizer"), float(_arg(spec, "--lr"))) == ("adamw", float(config[8:]))
         elif config.startswith("agd-L-"):
             assert (_arg(spec, "--optimizer"), _arg(spec, "--agd-depth")) == ("agd", config[6:])
+        elif config == "agd-m0.9":
+            assert (_arg(spec, "--optimizer"), _arg(spec, "--momentum")) == ("agd", "0.9")
         else:
             assert _arg(spec, "--optimizer") == config and "--lr" not in spec.argv and "--agd-depth" not in spec.argv
     assert {_arg(s, "--dataset") for s in grids.grid_runs("models", "small", seeds=1, dataset="mnist")} \
@@ -119,7 +121,7 @@ def test_the_trainer_accepts_every_run_of_every_grid(scale):
             check_split(config, world_size=1)
 
 
-@pytest.mark.parametrize("name, count", [("batch-steps", 12), ("momentum", 63), ("models", 87)])
+@pytest.mark.parametrize("name, count", [("batch-steps", 12), ("momentum", 63), ("models", 96)])
 def test_dry_run_lists_the_new_grids(tmp_path, capsys, name, count):
     parser = argparse.ArgumentParser()
     sweep.add_arguments(parser)
@@ -206,11 +208,11 @@ def test_batch_section_shows_equal_epochs_and_equal_steps_each_with_its_verdict(
 
 # --- the momentum section ------------------------------------------------------------------------
 
-MOMENTUM_WINS = {f"{s}-agd-m0.9": 0.84 for s in ("fcn-e3", "fcn-e10", "cnn-e3")}
+MOMENTUM_WINS = {f"{s}-agd-m0.9": 0.84 for s in ("fcn-e3", "fcn-e10", "cnn-e2")}
 
 
 def test_momentum_verdict_when_momentum_wins_everywhere_and_when_it_does_not(tmp_path):
-    _write_grid(tmp_path, "momentum", {**MOMENTUM_WINS, "cnn-e3-agd-m0.9": 0.805})
+    _write_grid(tmp_path, "momentum", {**MOMENTUM_WINS, "cnn-e2-agd-m0.9": 0.805})
     section = results_momentum.render_momentum(find_runs([tmp_path / "momentum"]))
     assert section.findings[-1].text == ("Momentum 0.9 (Nesterov) beat momentum 0 in 3 of 3 settings (2 beyond "
                                          "the seed spread): momentum won everywhere measured; the trainer's "
@@ -225,11 +227,11 @@ def test_momentum_verdict_when_momentum_wins_everywhere_and_when_it_does_not(tmp
 def test_momentum_tables_and_findings_per_setting(tmp_path):
     _write_grid(tmp_path, "momentum", {"fcn-e3-agd-m0.9": 0.83, "fcn-e3-agd-m0.9-hb": 0.82,
                                        "fcn-e3-adam-lr3e-04": 0.86, "fcn-e3-adam-lr3e-03": None,
-                                       "cnn-e3-agd-m0.9-hb": 0.81, "cnn-e3-adam-lr1e-04": 0.70})
+                                       "cnn-e2-agd-m0.9-hb": 0.81, "cnn-e2-adam-lr1e-04": 0.70})
     section = results_momentum.render_momentum(find_runs([tmp_path / "momentum"]))
     titles = [line for line in section.lines if line.startswith("### ")]
     assert titles == ["### FCN depth 8 width 256, 3 epochs", "### FCN depth 8 width 256, 10 epochs",
-                      "### small CNN (--arch cnn), 3 epochs"]
+                      "### small CNN (--arch cnn), 2 epochs"]
     assert "| adam, lr 0.0003 (tuned Adam: best of lr 0.0001, 0.0003, 0.001, 0.003) | 2 | 86.5 ± 0.7 |" \
         in section.text
     assert "| adam, lr 0.003 | 2 | diverged |" in section.text
@@ -324,11 +326,11 @@ def test_new_figures_have_a_panel_per_setting_and_per_model(tmp_path):
     _write_grid(tmp_path, "momentum", {})
     fig = results_momentum.figure(find_runs([tmp_path / "momentum"]), "m")
     assert [ax.get_title() for ax in fig.axes] == ["FCN depth 8 width 256, 3 epochs",
-                                                   "FCN depth 8 width 256, 10 epochs", "small CNN (--arch cnn), 3 epochs"]
+                                                   "FCN depth 8 width 256, 10 epochs", "small CNN (--arch cnn), 2 epochs"]
     assert [len(ax.get_lines()) for ax in fig.axes] == [4, 4, 4]  # AGD's three and tuned Adam
     _write_grid(tmp_path, "models", {}, L=MODEL_L)
     fig = results_models.figure(find_runs([tmp_path / "models"]), "m")
-    assert [len(ax.patches) for ax in fig.axes] == [9, 9, 9, 2]
+    assert [len(ax.patches) for ax in fig.axes] == [10, 10, 10, 2]
     assert fig.axes[2].get_ylabel() == "validation loss (nats per byte)"
 
 

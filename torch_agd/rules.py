@@ -16,7 +16,7 @@ Every rule below is that rule, applied to what the parameter actually is as a ma
     embedding   each row: a map from one one-hot slot to R^d        sqrt(d) (unit RMS rows)  yes
     bias        joins its layer's blocks: [W | b] acts on [x; 1],   d_in counts the 1        no
                 so W and b share one norm and one factor
-    norm        each channel's [gamma_i | beta_i] of a norm layer   1 (gamma = 1 at init)    no
+    norm        a norm layer's [diag(gamma) | beta], one block       1 (gamma = 1 at init)    no
     raw         additive parameters (positional embeddings, class   sqrt(d) (one slot's      no
                 tokens): every vector along the last dim is a slot   vector at unit RMS)
 
@@ -92,11 +92,9 @@ def blocks(kind: str, shape, groups: int = 1, joined: bool = False, partner: Blo
         return Blocks(kind, shape[0], 3, d, 1, math.sqrt(d / (d + joined)), 1)
     if kind == "embedding":
         return Blocks(kind, shape[0], shape[0], shape[1], 1, math.sqrt(shape[1]), 1)
-    if kind == "norm":
-        return Blocks(kind, n, n, 1, 1, 1.0, len(shape))
+    if kind == "norm" or kind == "bias" and partner is not None and partner.kind == "norm":
+        return Blocks(kind, n, 1, 1, 1, 1.0, len(shape))
     if kind == "bias" and partner is not None:
-        if partner.kind == "norm":
-            return Blocks(kind, n, n, 1, 1, 1.0, 1)
         return Blocks(kind, n, partner.row_blocks, 1, partner.k, partner.scale, 1, spread=partner.k > 1)
     # raw, or a bias on its own: every vector along the last dim is a slot of unit RMS
     d = shape[-1] if shape else 1

@@ -79,9 +79,9 @@ SCALES = {
         dataset="fashion-mnist", epochs=3, fcn=(8, 128),
         shape_depths=(2, 4, 8, 16), shape_widths=(32, 64, 128),
         batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
-        momentum_settings=(("fcn", 3), ("fcn", 10), ("cnn", 3)),
+        momentum_settings=(("fcn", 3), ("fcn", 10), ("cnn", 2)),
         # The paper's ResNet-18 is the slowest network on a CPU by far: fewer steps.
-        models_steps=500, lm_steps=500, paper_resnet_steps=150,
+        models_steps=400, lm_steps=400, paper_resnet_steps=100,
     ),
 }
 
@@ -194,6 +194,7 @@ ADAMW_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 MODEL_CONFIGS = {
     "agd": ("--optimizer", "agd"),  # the default gain and the default L (auto on these models)
     "agd-L-weights": ("--optimizer", "agd", "--agd-depth", "weights"),  # the paper's count of L
+    "agd-m0.9": ("--optimizer", "agd", "--momentum", "0.9"),  # what momentum does on these models
     **{f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}") for lr in ADAMW_LRS},
     "prodigy": ("--optimizer", "prodigy"),
     "schedulefree": ("--optimizer", "schedulefree"),

@@ -45,7 +45,7 @@ class Model:
 
     def agd_by_depth(self, depth: str) -> list[Run] | None:
         found = [m for m in self.groups.values() if m[0].param("optimizer") == "agd"
-                 and m[0].param("agd_depth") == depth]
+                 and m[0].param("agd_depth") == depth and not m[0].param("momentum")]
         return found[0] if found else None
 
 
@@ -129,6 +129,14 @@ def _findings(model: Model) -> list[Finding]:
             other = model.by_optimizer(optimizer)
             if other is not None:
                 found.append(compare(agd, other, "AGD", name, metric=model.metric))
+    momentum = model.groups.get("agd-m0.9")
+    if momentum is not None and agd is not None:
+        found.append(compare(momentum, agd, "AGD with momentum 0.9 (Nesterov)", "AGD without (the default)",
+                             metric=model.metric, worse=False))
+        if model.tuned is not None:
+            tuned = model.groups[model.tuned]
+            found.append(compare(momentum, tuned, "AGD with momentum 0.9",
+                                 f"tuned AdamW (lr {tuned[0].param('lr'):g})", metric=model.metric))
     auto, weights = model.agd_by_depth("auto"), model.agd_by_depth("weights")
     if auto is not None and weights is not None:
         found.append(compare(auto, weights, f"AGD with {_depth_is(auto)} (auto: layers in series)",
@@ -143,8 +151,9 @@ INTRO = ("Issue 10's targets: AGD at its defaults (gain 1, the default count of 
          "or lowest mean validation loss). Every configuration of a model has the same step budget. L is the "
          "depth AGD used, as the trainer recorded it in config.json (`agd_L`): `agd` counts layers in series "
          "on these models (auto), `agd-L-weights` one per weight tensor (the paper's count), and the fallback "
-         "`agd+adamw` one per weight matrix it steps. The paper measured none of these models; its own "
-         "ResNet-18 is the last table.")
+         "`agd+adamw` one per weight matrix it steps; `agd-m0.9` is AGD with momentum 0.9 (Nesterov), "
+         "tried where the default falls short. The paper measured none of these models; its own ResNet-18 "
+         "is the last table.")
 
 
 def render_models(runs: Sequence[Run]) -> Section:
