@@ -50,6 +50,18 @@ def _widest(tensors) -> torch.dtype:
     return acc
 
 
+def _complete(reduce, sq_g: Tensor, sq_d: Tensor) -> tuple[Tensor, Tensor]:
+    """Sharded parameters: one all-reduce completes every block's sums of squares, of the
+    gradients and (with momentum) of the update directions alike."""
+    if reduce is None:
+        return sq_g, sq_d
+    if sq_d is sq_g:
+        both = reduce(sq_g)
+        return both, both
+    both = reduce(torch.cat([sq_g, sq_d]))
+    return both[:len(sq_g)], both[len(sq_g):]
+
+
 # ---------------------------------------------------------------- the readable path
 
 
@@ -85,9 +97,7 @@ def _single_tensor_agd(weights, grads, dirs, entries, mults, depth, n_blocks, re
             sq_g[e.base:e.base + e.blocks.count] += _block_sq(g, e).reshape(-1).to(main, acc)
             if dirs is not grads:
                 sq_d[e.base:e.base + e.blocks.count] += _block_sq(d, e).reshape(-1).to(main, acc)
-    if reduce is not None:
-        both = reduce(torch.cat([sq_g, sq_d]) if dirs is not grads else sq_g)
-        sq_g, sq_d = (both[:n_blocks], both[n_blocks:]) if dirs is not grads else (both, both)
+    sq_g, sq_d = _complete(reduce, sq_g, sq_d)
     scales = torch.zeros(n_blocks, dtype=acc, device=main)
     for e in entries:
         scales[e.base:e.base + e.blocks.count] = e.blocks.scale
@@ -123,9 +133,7 @@ def _multi_tensor_agd(weights, grads, dirs, entries, mults, depth, n_blocks, red
             plans[key] = p
     sq_g = layout.sq_contributions(p, grads, acc, main)
     sq_d = layout.sq_contributions(p, dirs, acc, main, direction=True) if dirs is not grads else sq_g
-    if reduce is not None:  # one collective completes every block's norm
-        both = reduce(torch.cat([sq_g, sq_d]) if dirs is not grads else sq_g)
-        sq_g, sq_d = (both[:p.n], both[p.n:]) if dirs is not grads else (both, both)
+    sq_g, sq_d = _complete(reduce, sq_g, sq_d)
     norms_g = sq_g.sqrt_() if sq_d is not sq_g else sq_g.sqrt()
     G = torch.dot(norms_g, p.scales) / depth
     finite = torch.isfinite(G)
