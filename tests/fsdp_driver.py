@@ -40,7 +40,7 @@ COLLECTIVE_NAMESPACES = ("c10d", "_c10d_functional", "c10d_functional", "_dtenso
 
 def mlp() -> nn.Module:
     # Biases, LayerNorm, odd row counts (13 and 7 rows split 7 + 6 and 4 + 3) and a 1-row head
-    # that leaves rank 1 of 2 an empty shard. Blocks: 1 + 13 (a LayerNorm channel each) + 1 + 1.
+    # that leaves rank 1 of 2 an empty shard. Blocks: 1 + 1 (the LayerNorm) + 1 + 1.
     return nn.Sequential(nn.Linear(10, 13), nn.LayerNorm(13), nn.ReLU(), nn.Linear(13, 7), nn.ReLU(),
                          nn.Linear(7, 1, bias=False))
 

@@ -38,11 +38,11 @@ pytestmark = [
 ]
 
 # Blocks of the driver's models, counted by hand from rules.py: a linear weight (its bias joins
-# it) is one block, a conv weight one per kernel position (3x3: 9), a norm layer one per channel.
-BLOCKS = {"mlp": 1 + 13 + 1 + 1, "conv": 9 + 5 + 9 + 1,
+# it) is one block, a conv weight one per kernel position (3x3: 9), a norm layer one.
+BLOCKS = {"mlp": 1 + 1 + 1 + 1, "conv": 9 + 1 + 9 + 1,
           # positions (one per slot), embedding rows (the head shares them), q k v, 3 linears,
-          # 3 LayerNorms of 8 channels
-          "tied-lm": 6 + 20 + 3 + 3 + 3 * 8}
+          # 3 LayerNorms
+          "tied-lm": 6 + 20 + 3 + 3 + 3}
 CASES = [name for name in fsdp_driver.CASES]
 
 
