@@ -81,7 +81,7 @@ SCALES = {
         batch_sizes=(32, 128, 1024, 4096), batch_fcn=(4, 128), peer_adam_lrs=(1e-4, 1e-3, 1e-2),
         momentum_settings=(("fcn", 3), ("fcn", 10), ("cnn", 2)),
         # The paper's ResNet-18 is the slowest network on a CPU by far: fewer steps.
-        models_steps=400, lm_steps=400, paper_resnet_steps=100,
+        models_steps=300, lm_steps=300, paper_resnet_steps=60,
     ),
 }
 
