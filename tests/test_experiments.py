@@ -16,6 +16,7 @@ import pytest
 
 from torch_agd.errors import UsageError
 from torch_agd.experiments import plot, results, runs as rundirs, sweep
+from torch_agd.train import rundir
 from torch_agd.train.optimizers import PEERS
 
 from fakeruns import diverge, flags as _flags, trainer_config, write_run
@@ -453,6 +454,18 @@ def test_a_diverging_run_does_not_flatten_the_loss_axes(tmp_path):
     ax = plot.make_figure(rundirs.find_runs([tmp_path])).axes[1]
     assert ax.get_ylim()[1] < 100
     assert any("capped" in t.get_text() for t in ax.texts)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_resumed(tmp_path):
+    # the trainer writes config.json first and refuses a directory holding one unless --resume
+    killed = tmp_path / "batch" / "bs128-s0"
+    killed.mkdir(parents=True)
+    rundir.write_json(killed / rundir.CONFIG, {"arch": "fcn"})
+    assert sweep.run_state(killed) == "resume"
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=trainer) == 0
+    resumed = [Path(_flags(c)["out"]).name for c in trainer.calls if "--resume" in c]
+    assert resumed == ["bs128-s0"]
 
 
 def test_a_finished_run_without_metrics_is_resumed_not_skipped(tmp_path):

@@ -58,10 +58,12 @@ class SubprocessRunner:
 
 def run_state(run_dir: Path) -> str:
     """'done' (summary.json and metrics.jsonl), 'resume' (a checkpoint, but no summary or no
-    metrics: the trainer rebuilds both from the checkpoint) or 'new'."""
+    metrics: the trainer rebuilds both from the checkpoint; or only config.json, a run killed
+    before its first checkpoint, which the trainer refuses to start afresh but resumes from
+    epoch 0) or 'new'."""
     if (run_dir / rundir.SUMMARY).exists() and has_metrics(run_dir):
         return "done"
-    if (run_dir / rundir.CHECKPOINT).exists():
+    if (run_dir / rundir.CHECKPOINT).exists() or (run_dir / rundir.CONFIG).exists():
         return "resume"
     return "new"
 
