@@ -239,6 +239,8 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     env.barrier()
     if env.local_rank != 0:
         data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
+    if env.is_master:
+        print(f"data: {data.source}", flush=True)
 
     if config["train_bs"] > data.train.num_samples:
         raise UsageError(f"--train_bs {config['train_bs']} is larger than the {data.train.num_samples} "
