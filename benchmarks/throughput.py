@@ -183,11 +183,12 @@ def whole_job(repeats: int, device: str) -> None:
         def agd_train(out: str, kind: str) -> tuple[float, str]:
             return _timed(["-m", "torch_agd", "train", *JOB, *flags, "--out", f"{tmp}/{out}"], env, kind)
 
-        first, stdout = agd_train("first", "first")
-        data_line = next((line for line in stdout.splitlines() if line.startswith("data: ")), "(no data line)")
+        first, _ = agd_train("first", "first")
         for i in range(repeats):  # each round runs both, so both see the same machine load
             published.append(_timed([__file__, "--published-job", root, "--device", device], kind="published")[0])
-            ours.append(agd_train(f"run{i}", "ours")[0])
+            seconds, stdout = agd_train(f"run{i}", "ours")
+            ours.append(seconds)
+        data_line = next((line for line in stdout.splitlines() if line.startswith("data: ")), "(no data line)")
     a, b = statistics.median(ours), statistics.median(published)
     ratio = statistics.median(o / p for o, p in zip(ours, published))
     print(f"whole job on {device}, fcn 8x256 fashion-mnist, 2 epochs with evaluation, start-up included "
