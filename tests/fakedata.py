@@ -10,6 +10,7 @@ load_data(name, data_dir, download=False) loads them:
 
     install_fake_idx(monkeypatch, tmp_path, "fashion-mnist", n_train=256, n_test=64)
     data = load_data("fashion-mnist", tmp_path, "cpu", download=False)
+    install_fake_system_copy(monkeypatch, tmp_path / "usr-share")   # a stand-in for Debian's copy
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 import torch
 
 from torch_agd.data import cifar, mnist
+from torch_agd.data.system import SystemCopy
 
 
 @dataclass
@@ -160,6 +162,21 @@ def install_fake_idx(monkeypatch, data_dir: Path, name: str = "fashion-mnist",
     monkeypatch.setitem(mnist.SYSTEM_DIRS, name, [])
     monkeypatch.setitem(mnist.MIRRORS, name, ["http://127.0.0.1:9/unreachable/"])
     return w
+
+
+def install_fake_system_copy(monkeypatch, directory: Path, name: str = "fashion-mnist",
+                             n_train: int = 64, n_test: int = 16, seed: int = 0,
+                             package: str = "dataset-fake", staging: Path | None = None) -> Written:
+    """Make `directory` the system copy of `name` (as /usr/share/datasets/fashion-mnist is
+    Debian's), with fake IDX files and unreachable mirrors. With `staging`, the files are
+    written there instead, and `directory` stays empty: a package not installed yet (a fake
+    apt-get can copy them in)."""
+    staged = write_mnist_idx(Path(staging or directory), n_train, n_test, seed)
+    monkeypatch.setitem(mnist.MD5, name, dict(staged.md5))
+    monkeypatch.setitem(mnist.RAW_MD5, name, {})
+    monkeypatch.setitem(mnist.SYSTEM_DIRS, name, [SystemCopy(Path(directory), package)])
+    monkeypatch.setitem(mnist.MIRRORS, name, ["http://127.0.0.1:9/unreachable/"])
+    return staged
 
 
 def install_fake_cifar(monkeypatch, data_dir: Path, which: str = "cifar10",

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakedata import (install_fake_cifar, install_fake_idx, idx_bytes, write_cifar_tar,
-                      write_imagefolder, write_mnist_idx)
+from fakedata import (install_fake_cifar, install_fake_idx, install_fake_system_copy, idx_bytes,
+                      write_cifar_tar, write_imagefolder, write_mnist_idx)
 from helpers import FASHION as DEBIAN_FASHION
 from torch_agd.data import DATASETS, default_data_dir, load_data
-from torch_agd.data import cifar, files, mnist
+from torch_agd.data import cache, cifar, files, mnist, system
+from torch_agd.data.system import SystemCopy
 from torch_agd.data.loader import TensorSplit, crop_flip
 from torch_agd.errors import UsageError
 
@@ -129,13 +130,14 @@ def test_recompressed_copy_is_accepted_by_content_checksum(tmp_path, monkeypatch
         raw[name] = files.md5_bytes(content)
         (system / name).write_bytes(gzip.compress(content, mtime=123456))  # other header
     monkeypatch.setitem(mnist.RAW_MD5, "fashion-mnist", raw)
-    monkeypatch.setitem(mnist.SYSTEM_DIRS, "fashion-mnist", [(system, "reinstall the package")])
-    data = load_data("fashion-mnist", tmp_path / "empty", "cpu", download=False)
+    monkeypatch.setitem(mnist.SYSTEM_DIRS, "fashion-mnist", [SystemCopy(system, "dataset-fake")])
+    monkeypatch.setenv("AGD_DATA", str(tmp_path / "empty"))  # the default dir: a system copy may serve
+    data = load_data("fashion-mnist", None, "cpu", download=False)
     assert torch.equal(data.train.images, w.train_x)
-    assert not (tmp_path / "empty").exists()  # nothing was downloaded
-    raw[mnist.TEST_LABELS] = "0" * 32
-    with pytest.raises(UsageError, match=f"{system / mnist.TEST_LABELS}.*reinstall the package"):
-        load_data("fashion-mnist", tmp_path / "empty", "cpu", download=False)
+    assert os.listdir(tmp_path / "empty" / "fashion-mnist") == [cache.CACHE_NAME]  # nothing downloaded
+    raw[mnist.TEST_LABELS] = "0" * 32  # a new sum: the cache no longer vouches for the file
+    with pytest.raises(UsageError, match=f"{system / mnist.TEST_LABELS}.*apt-get install --reinstall dataset-fake"):
+        load_data("fashion-mnist", None, "cpu", download=False)
 
 
 # --------------------------------------------------------------------------- offline use
@@ -167,6 +169,317 @@ def test_default_data_dir(monkeypatch, tmp_path):
     assert default_data_dir() == tmp_path / "d"
     monkeypatch.delenv("AGD_DATA")
     assert default_data_dir() == Path.home() / ".cache" / "torch-agd"
+
+
+# --------------------------------------------------------------------------- where the data comes from
+
+def test_source_names_the_folder_the_files_were_found_in(tmp_path, monkeypatch):
+    install_fake_idx(monkeypatch, tmp_path, "fashion-mnist", n_train=20, n_test=5)
+    source = load_data("fashion-mnist", tmp_path, "cpu", download=False).source
+    folder = tmp_path / "fashion-mnist"
+    assert source == (f"fashion-mnist from {folder}; MD5 checked and decoded; "
+                      f"decoded copy saved to {folder / cache.CACHE_NAME}")
+
+
+def test_default_data_dir_falls_back_to_the_system_copy_and_says_so(tmp_path, monkeypatch):
+    w = install_fake_system_copy(monkeypatch, tmp_path / "usr-share" / "fashion-mnist", n_train=20, n_test=5)
+    monkeypatch.setenv("AGD_DATA", str(tmp_path / "home-cache"))
+    data = load_data("fashion-mnist", None, "cpu")  # None: the default dir, as the trainer's default
+    assert torch.equal(data.train.images, w.train_x)
+    assert data.source.startswith(f"fashion-mnist from {tmp_path / 'usr-share' / 'fashion-mnist'} "
+                                  f"(Debian package dataset-fake); ")
+    # The trainer passes the default dir by value: that is still the default.
+    assert load_data("fashion-mnist", str(tmp_path / "home-cache"), "cpu").source == \
+        load_data("fashion-mnist", None, "cpu").source
+
+
+def test_a_named_empty_data_dir_is_an_error_not_the_system_copy(tmp_path, monkeypatch):
+    copy = tmp_path / "usr-share" / "fashion-mnist"
+    install_fake_system_copy(monkeypatch, copy, n_train=20, n_test=5)
+    monkeypatch.setenv("AGD_DATA", str(tmp_path / "home-cache"))
+    named = tmp_path / "mine"
+    with pytest.raises(UsageError) as e:
+        load_data("fashion-mnist", named, "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and str(named / "fashion-mnist") in msg and "download failed" in msg
+    assert f"installed in {copy}: use it with --data-dir {copy.parent}, or leave --data-dir out" in msg
+    # ... and naming the system copy's parent, as the message says, works.
+    assert load_data("fashion-mnist", copy.parent, "cpu").train.num_samples == 20
+
+
+def test_a_named_data_dir_with_no_system_copy_says_how_to_install_one(tmp_path, monkeypatch):
+    install_fake_system_copy(monkeypatch, tmp_path / "absent", n_train=20, n_test=5,
+                             staging=tmp_path / "deb")
+    with pytest.raises(UsageError, match=r"or install Debian package dataset-fake \(apt-get install "
+                                         r"dataset-fake\) and leave --data-dir out$"):
+        load_data("fashion-mnist", tmp_path / "mine", "cpu")
+
+
+def test_the_system_copy_named_as_data_dir_is_cached_elsewhere(tmp_path, monkeypatch):
+    copy = tmp_path / "usr-share" / "fashion-mnist"
+    install_fake_system_copy(monkeypatch, copy, n_train=20, n_test=5)
+    monkeypatch.setenv("AGD_DATA", str(tmp_path / "home-cache"))
+    before = sorted(os.listdir(copy))
+    source = load_data("fashion-mnist", copy.parent, "cpu").source
+    assert sorted(os.listdir(copy)) == before  # nothing written into a package's folder
+    assert (tmp_path / "home-cache" / "fashion-mnist" / cache.CACHE_NAME).is_file()
+    assert source.startswith(f"fashion-mnist from {copy} (Debian package dataset-fake); ")
+
+
+@pytest.mark.slow
+def test_agd_train_prints_the_data_line_and_never_swaps_a_named_dir(tmp_path, monkeypatch, capsys):
+    from torch_agd.cli import main
+
+    install_fake_system_copy(monkeypatch, tmp_path / "usr-share" / "fashion-mnist", n_train=64, n_test=16)
+    monkeypatch.setenv("AGD_DATA", str(tmp_path / "home-cache"))
+    flags = ["train", "--arch", "fcn", "--dataset", "fashion-mnist", "--depth", "2", "--width", "8",
+             "--epochs", "1", "--train_bs", "32", "--cpu"]
+    assert main([*flags, "--out", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    data_lines = [line for line in lines if line.startswith("data: ")]
+    assert data_lines == [f"data: fashion-mnist from {tmp_path / 'usr-share' / 'fashion-mnist'} "
+                          f"(Debian package dataset-fake); MD5 checked and decoded; decoded copy saved to "
+                          f"{tmp_path / 'home-cache' / 'fashion-mnist' / cache.CACHE_NAME}"]
+    assert main([*flags, "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run2")]) == 2
+    captured = capsys.readouterr()
+    *tries, error = captured.err.splitlines()  # "downloading URL -> file" lines, then one error line
+    assert all(t.startswith("downloading http://127.0.0.1:9/") for t in tries) and "Traceback" not in captured.err
+    assert error.startswith("agd: error: fashion-mnist: download failed") and "leave --data-dir out" in error
+    assert str(tmp_path / "empty" / "fashion-mnist") in error and "data: " not in captured.out
+
+
+# --------------------------------------------------------------------------- the decoded cache
+
+def _no_reading(monkeypatch):
+    """Make any checksum or decompression of a source file fail the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a source file was read although the cache is valid")
+    monkeypatch.setattr(mnist, "read_verified", refuse)
+    monkeypatch.setattr(cifar, "read_verified", refuse)
+
+
+def test_second_load_reads_the_cache_and_not_the_files(tmp_path, monkeypatch):
+    w = install_fake_idx(monkeypatch, tmp_path, "mnist", n_train=30, n_test=9, seed=4)
+    first = load_data("mnist", tmp_path, "cpu", download=False)
+    _no_reading(monkeypatch)
+    second = load_data("mnist", tmp_path, "cpu", download=False)
+    assert "decoded copy read from" in second.source and "unchanged" in second.source
+    for split, x, y in ((second.train, w.train_x, w.train_y), (second.test, w.test_x, w.test_y)):
+        assert torch.equal(split.images, x) and torch.equal(split.labels, y)
+        assert split.images.dtype == torch.uint8 and split.labels.dtype == torch.int64
+    assert [b[0].tolist() for b in first.train.batches(8, seed=1)] == \
+        [b[0].tolist() for b in second.train.batches(8, seed=1)]
+
+
+def test_cifar_is_cached_too(tmp_path, monkeypatch):
+    w = install_fake_cifar(monkeypatch, tmp_path, "cifar100", n_train=12, n_test=4)
+    assert "extracted just now" in load_data("cifar100", tmp_path, "cpu", download=False).source
+    _no_reading(monkeypatch)
+    data = load_data("cifar100", tmp_path, "cpu", download=False)
+    assert "decoded copy read from" in data.source
+    assert torch.equal(data.train.images, w.train_x) and torch.equal(data.test.labels, w.test_y)
+
+
+@pytest.mark.parametrize("change", ["flip", "truncate", "replace"])
+def test_a_source_changed_after_caching_is_checked_again_and_refused(tmp_path, monkeypatch, change):
+    w = install_fake_idx(monkeypatch, tmp_path, "fashion-mnist", n_train=20, n_test=5)
+    load_data("fashion-mnist", tmp_path, "cpu", download=False)
+    path = w.paths[mnist.TRAIN_LABELS]
+    if change == "flip":  # same size, rewritten in place
+        _flip_byte(path, len(path.read_bytes()) // 2)
+    elif change == "truncate":
+        path.write_bytes(path.read_bytes()[:-3])
+    else:  # another file moved over it, with the old file's size and mtime
+        other = path.with_suffix(".new")
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 1
+        other.write_bytes(bytes(data))
+        st = path.stat()
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+        other.replace(path)
+    with pytest.raises(UsageError, match=f"{path} fails its MD5 check"):
+        load_data("fashion-mnist", tmp_path, "cpu", download=False)
+
+
+def test_a_touched_source_is_checked_again_and_the_cache_rebuilt(tmp_path, monkeypatch):
+    w = install_fake_idx(monkeypatch, tmp_path, "fashion-mnist", n_train=20, n_test=5)
+    load_data("fashion-mnist", tmp_path, "cpu", download=False)
+    path = w.paths[mnist.TEST_IMAGES]
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # mtime kept, ctime moves: still noticed
+    source = load_data("fashion-mnist", tmp_path, "cpu", download=False).source
+    assert "MD5 checked and decoded" in source and source.endswith("replacing a stale one")
+    assert "decoded copy read from" in load_data("fashion-mnist", tmp_path, "cpu", download=False).source
+
+
+@pytest.mark.parametrize("damage", ["flip payload", "flip header", "truncate", "append", "empty"])
+def test_a_damaged_cache_is_never_used_but_rebuilt(tmp_path, monkeypatch, damage):
+    w = install_fake_idx(monkeypatch, tmp_path, "fashion-mnist", n_train=20, n_test=5)
+    load_data("fashion-mnist", tmp_path, "cpu", download=False)
+    path = tmp_path / "fashion-mnist" / cache.CACHE_NAME
+    data = path.read_bytes()
+    if damage == "flip payload":
+        _flip_byte(path, len(data) - 100)
+    elif damage == "flip header":
+        _flip_byte(path, len(cache.MAGIC) + 20)
+    elif damage == "truncate":
+        path.write_bytes(data[:-1])
+    elif damage == "append":
+        path.write_bytes(data + b"\0")
+    else:
+        path.write_bytes(b"")
+    again = load_data("fashion-mnist", tmp_path, "cpu", download=False)
+    assert again.source.endswith("replacing a damaged one")
+    assert torch.equal(again.train.images, w.train_x) and torch.equal(again.test.labels, w.test_y)
+    assert path.read_bytes() == data  # rebuilt byte for byte
+    assert "decoded copy read from" in load_data("fashion-mnist", tmp_path, "cpu", download=False).source
+
+
+def test_a_cache_that_cannot_be_written_costs_only_the_cache(tmp_path, monkeypatch):
+    w = install_fake_idx(monkeypatch, tmp_path, "mnist", n_train=20, n_test=5)
+    (tmp_path / "mnist" / cache.CACHE_NAME).mkdir()  # neither readable nor replaceable as a file
+    for _ in range(2):
+        data = load_data("mnist", tmp_path, "cpu", download=False)
+        assert "MD5 checked and decoded (not cached: " in data.source
+        assert torch.equal(data.train.images, w.train_x)
+    assert not [p for p in os.listdir(tmp_path / "mnist") if p.endswith(".tmp")]
+
+
+def test_cache_round_trips_empty_and_wide_arrays(tmp_path):
+    src = tmp_path / "src"
+    src.write_bytes(b"x")
+    key = cache.source_key({src: {"md5": "m"}})
+    tensors = {"a": torch.arange(7, dtype=torch.uint8), "b": torch.arange(-3, 2, dtype=torch.int64).view(5, 1),
+               "none": torch.empty(0, 3, dtype=torch.uint8)}
+    cache.write(tmp_path / "c.bin", key, tensors)
+    back, why = cache.read(tmp_path / "c.bin", key)
+    assert why == "" and list(back) == ["a", "b", "none"]
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in tensors.items())
+    assert cache.read(tmp_path / "c.bin", cache.source_key({src: {"md5": "other"}})) == (None, "stale")
+    assert cache.read(tmp_path / "absent.bin", key) == (None, "absent")
+
+
+# --------------------------------------------------------------------------- installing Debian's copy
+
+FAKE_APT = """#!{python}
+# A stand-in for apt-get: logs its arguments, then behaves as FAKE_APT_MODE says.
+import os, shutil, sys
+with open(os.environ["FAKE_APT_LOG"], "a") as log:
+    log.write(" ".join(sys.argv[1:]) + " DEBIAN_FRONTEND=" + os.environ.get("DEBIAN_FRONTEND", "") + "\\n")
+mode, lists = os.environ["FAKE_APT_MODE"], os.environ["FAKE_APT_LOG"] + ".lists"
+if sys.argv[1] == "update":
+    open(lists, "w").close()
+    sys.exit(0)
+if mode == "fail" or (mode == "needs-update" and not os.path.exists(lists)):
+    print("E: Unable to locate package " + sys.argv[-1], file=sys.stderr)
+    sys.exit(100)
+if mode != "installs-nothing":
+    shutil.copytree(os.environ["FAKE_APT_DEB"], os.environ["FAKE_APT_TARGET"], dirs_exist_ok=True)
+"""
+
+FAKE_SUDO = """#!{python}
+# A stand-in for sudo: -n with a password needed fails, else it runs the command.
+import os, subprocess, sys
+assert sys.argv[1] == "-n"
+if os.environ["FAKE_SUDO"] == "password":
+    print("sudo: a password is required", file=sys.stderr)
+    sys.exit(1)
+sys.exit(0 if sys.argv[2:] == ["true"] else subprocess.run(sys.argv[2:]).returncode)
+"""
+
+
+@pytest.fixture
+def fake_apt(tmp_path, monkeypatch):
+    """A machine where the download fails, Debian's copy is not installed, and apt-get (a fake,
+    first on PATH) can install it; the default data dir is empty. Returns the apt-get log."""
+    copy, deb = tmp_path / "usr-share" / "fashion-mnist", tmp_path / "deb"
+    w = install_fake_system_copy(monkeypatch, copy, n_train=20, n_test=5, package="dataset-fake",
+                                 staging=deb)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("apt-get", FAKE_APT), ("sudo", FAKE_SUDO)):
+        (bin_dir / name).write_text(text.format(python=sys.executable))
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "apt.log"
+    for var, value in (("PATH", str(bin_dir)), ("FAKE_APT_LOG", str(log)), ("FAKE_APT_DEB", str(deb)),
+                       ("FAKE_APT_TARGET", str(copy)), ("FAKE_APT_MODE", "ok"), ("FAKE_SUDO", "ok"),
+                       ("AGD_DATA", str(tmp_path / "home-cache")), (system.APT_ENV, "1")):
+        monkeypatch.setenv(var, value)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    log.write_text("")
+    return log, w, copy
+
+
+def test_apt_installs_the_system_copy_when_the_download_fails(fake_apt, capsys):
+    log, w, copy = fake_apt
+    data = load_data("fashion-mnist", None, "cpu")
+    assert torch.equal(data.train.images, w.train_x)
+    assert data.source.startswith(f"fashion-mnist from {copy} (Debian package dataset-fake, installed "
+                                  f"just now with apt-get); ")
+    assert log.read_text().splitlines() == ["install -y -q dataset-fake DEBIAN_FRONTEND=noninteractive"]
+    assert "installing Debian's dataset-fake with apt-get" in capsys.readouterr().err
+    # Installed: the next load uses it in place, and apt-get is not run again.
+    assert "(Debian package dataset-fake); decoded copy read" in load_data("fashion-mnist", None, "cpu").source
+    assert len(log.read_text().splitlines()) == 1
+
+
+def test_apt_updates_its_lists_when_the_package_is_unknown(fake_apt, monkeypatch):
+    log, w, _ = fake_apt
+    monkeypatch.setenv("FAKE_APT_MODE", "needs-update")
+    assert torch.equal(load_data("fashion-mnist", None, "cpu").test.images, w.test_x)
+    assert [line.split()[0] for line in log.read_text().splitlines()] == ["install", "update", "install"]
+
+
+@pytest.mark.parametrize("mode, says", [
+    ("fail", "apt-get install dataset-fake failed (E: Unable to locate package dataset-fake)"),
+    ("installs-nothing", "still lacks some of train-images-idx3-ubyte.gz"),
+])
+def test_apt_failing_too_is_one_line_naming_both_failures(fake_apt, monkeypatch, mode, says):
+    monkeypatch.setenv("FAKE_APT_MODE", mode)
+    with pytest.raises(UsageError) as e:
+        load_data("fashion-mnist", None, "cpu")
+    msg = str(e.value)
+    assert "\n" not in msg and "download failed" in msg and "installing Debian package dataset-fake did not work" in msg
+    assert says in msg
+
+
+def test_without_root_apt_runs_through_passwordless_sudo_only(fake_apt, monkeypatch):
+    log, w, _ = fake_apt
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setenv("FAKE_SUDO", "password")
+    with pytest.raises(UsageError, match="apt-get needs root and sudo asks for a password$"):
+        load_data("fashion-mnist", None, "cpu")
+    assert log.read_text() == ""
+    monkeypatch.setenv("FAKE_SUDO", "ok")
+    assert torch.equal(load_data("fashion-mnist", None, "cpu").train.images, w.train_x)
+    assert log.read_text().splitlines() == ["install -y -q dataset-fake DEBIAN_FRONTEND=noninteractive"]
+
+
+@pytest.mark.parametrize("why", ["not asked", "named data dir", "no apt-get", "no download"])
+def test_apt_is_not_run_unless_asked_for_a_default_dir_where_apt_exists(fake_apt, tmp_path, monkeypatch, why):
+    log, _, _ = fake_apt
+    data_dir, download = None, True
+    if why == "not asked":
+        monkeypatch.setenv(system.APT_ENV, "0")
+        expected = "or install Debian package dataset-fake: apt-get install dataset-fake$"
+    elif why == "named data dir":
+        data_dir = tmp_path / "mine"
+        expected = f"{data_dir / 'fashion-mnist'}.*leave --data-dir out$"
+    elif why == "no apt-get":
+        (tmp_path / "bin" / "apt-get").unlink()
+        expected = "did not work either: there is no apt-get on this machine$"
+    else:
+        download = False
+        expected = "downloading is off.*apt-get install dataset-fake$"
+    with pytest.raises(UsageError, match=expected):
+        load_data("fashion-mnist", data_dir, "cpu", download=download)
+    assert log.read_text() == ""
+
+
+def test_make_train_asks_for_the_apt_fallback():
+    makefile = (Path(__file__).parents[1] / "Makefile").read_text()
+    train = makefile.split("\ntrain:", 1)[1].split("\n\n", 1)[0]
+    assert f"{system.APT_ENV}=1 $(BIN)/agd train" in train
 
 
 # --------------------------------------------------------------------------- downloads
@@ -209,7 +522,9 @@ def test_download_fetches_verifies_and_writes_atomically(tmp_path, monkeypatch, 
     data_dir = tmp_path / "data"
     data = load_data("mnist", data_dir, "cpu", download=True)
     assert torch.equal(data.train.images, w.train_x) and torch.equal(data.test.labels, w.test_y)
-    assert sorted(os.listdir(data_dir / "mnist")) == sorted(IDX_FILES)  # no temp files
+    assert sorted(os.listdir(data_dir / "mnist")) == sorted([*IDX_FILES, cache.CACHE_NAME])  # no temp files
+    assert data.source == f"mnist from {data_dir / 'mnist'} (4 of 4 files downloaded just now); " \
+        f"MD5 checked and decoded; decoded copy saved to {data_dir / 'mnist' / cache.CACHE_NAME}"
     for name in IDX_FILES:
         assert files.md5_file(data_dir / "mnist" / name) == w.md5[name]
     # Downloaded once: with the server's copies gone, the files in the data dir serve.
@@ -229,7 +544,7 @@ def test_failing_mirrors_fall_back_in_order(tmp_path, monkeypatch, server):
                         [url + "absent/", url + "bad/", "http://127.0.0.1:9/", url + "good/"])
     data = load_data("fashion-mnist", tmp_path, "cpu")
     assert torch.equal(data.train.images, w.train_x)
-    assert sorted(os.listdir(tmp_path / "fashion-mnist")) == sorted(IDX_FILES)
+    assert sorted(os.listdir(tmp_path / "fashion-mnist")) == sorted([*IDX_FILES, cache.CACHE_NAME])
 
 
 def test_all_mirrors_failing_names_every_url_and_leaves_nothing(tmp_path, server):
@@ -273,8 +588,14 @@ def test_cifar_download_and_extract(tmp_path, monkeypatch, server):
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_debian_fashion_mnist_is_used_offline(tmp_path, monkeypatch):
     monkeypatch.setitem(mnist.MIRRORS, "fashion-mnist", ["http://127.0.0.1:9/"])  # dead
-    data = load_data("fashion-mnist", tmp_path, "cpu", download=True)
-    assert not (tmp_path / "fashion-mnist").exists()  # read in place, nothing copied
+    monkeypatch.setenv("AGD_DATA", str(tmp_path))
+    data = load_data("fashion-mnist", None, "cpu", download=True)
+    # read in place, nothing copied; only the decoded cache is written, in the data dir
+    assert os.listdir(tmp_path / "fashion-mnist") == [cache.CACHE_NAME]
+    assert data.source.startswith(f"fashion-mnist from {DEBIAN_FASHION} (Debian package dataset-fashion-mnist); ")
+    again = load_data("fashion-mnist", None, "cpu", download=True)
+    assert "decoded copy read from" in again.source
+    assert torch.equal(again.train.images, data.train.images) and torch.equal(again.test.labels, data.test.labels)
     train, test = data.train, data.test
     assert (train.num_samples, test.num_samples) == (60000, 10000)
     assert train.images.shape == (60000, 1, 28, 28) and train.images.dtype == torch.uint8
@@ -441,7 +762,7 @@ def test_imagenet_tree_loads_and_batches(tiny_imagenet):
     test = list(data.test.batches(4))
     assert [len(y) for _, y in test] == [4, 2]
     assert torch.equal(torch.cat([y for _, y in test]), torch.tensor([0, 0, 1, 1, 2, 2]))
-    # The first val image through the standard test transform, normalised by the spec.
+    # The first val image through the standard test transform, normalised by the ImageNet constants.
     img = Image.open(tiny_imagenet / "val" / "n01" / "0.jpg").convert("RGB")
     ref = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(),
                      T.Normalize(DATASETS["imagenet"].mean, DATASETS["imagenet"].std)])(img)

@@ -20,6 +20,7 @@ import torch
 
 from ..errors import UsageError
 from ..atomic import atomic_write_bytes
+from .cache import CACHE_NAME, load_or_build
 from .files import fetch_missing, read_verified
 
 
@@ -66,20 +67,25 @@ MIRRORS: dict[str, list[str]] = {
 
 
 def load_cifar(name: str, root: Path, *, download_ok: bool):
-    """(train_x, train_y, test_x, test_y): uint8 images (N, 3, 32, 32), int64 labels, on the CPU.
+    """((train_x, train_y, test_x, test_y), source): uint8 images (N, 3, 32, 32) and int64
+    labels on the CPU, and one line saying where they came from.
 
     Batch files live in root/name/<folder>/; when some are missing they are extracted from
-    root/name/<archive>, which is downloaded first when absent and download_ok.
+    root/name/<archive>, which is downloaded first when absent and download_ok. The decoded
+    tensors are cached (cache.py), so later loads skip unpickling and checksums.
     """
     spec, mirrors = ARCHIVES[name], MIRRORS[name]
     directory = root / name
     folder = directory / spec.folder
     members = {**spec.train, **spec.test}
     absent = [m for m in members if not (folder / m).is_file()]
+    origin = ""
     if absent:
         archive = directory / spec.filename
+        origin = f" (extracted just now from {archive})"
         if not archive.is_file():
             fetch_missing(name, directory, {spec.filename: spec.md5}, mirrors, download_ok=download_ok)
+            origin = f" (extracted just now from {archive}, downloaded just now)"
         data = read_verified(archive, spec.md5, fix=f"delete it and run again to download it "
                              f"afresh, or replace it with {mirrors[0]}{spec.filename}")
         _extract(data, archive, spec.folder, absent, folder)
@@ -95,7 +101,15 @@ def load_cifar(name: str, root: Path, *, download_ok: bool):
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
 
-    return (*read(spec.train), *read(spec.test))
+    def decode() -> dict[str, torch.Tensor]:
+        (train_x, train_y), (test_x, test_y) = read(spec.train), read(spec.test)
+        return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+
+    sources = {folder / m: {"md5": md5} for m, md5 in members.items()}
+    cached = load_or_build(directory / CACHE_NAME, sources, decode)
+    t = cached.tensors
+    return ((t["train_x"], t["train_y"], t["test_x"], t["test_y"]),
+            f"{name} from {folder}{origin}; {cached.note}")
 
 
 def _extract(data: bytes, archive: Path, inner: str, members: list[str], folder: Path) -> None:

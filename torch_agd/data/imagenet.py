@@ -35,7 +35,7 @@ def find_imagenet(data_dir: Path) -> Path:
 
 
 def load_imagenet(data_dir: Path, device, mean: tuple, std: tuple, *, workers: int):
-    """(train Split, test Split, classes) for the tree found by find_imagenet."""
+    """(train Split, test Split, classes, source line) for the tree found by find_imagenet."""
     try:
         from torchvision import datasets, transforms as T
     except ImportError:
@@ -55,9 +55,11 @@ def load_imagenet(data_dir: Path, device, mean: tuple, std: tuple, *, workers: i
                          f"{root / 'val'} {len(test.classes)}, or they differ in name; "
                          f"both need the same class folders")
     normalise = Normalise(mean, std, device)
+    source = (f"imagenet from {root} ({len(train)} training and {len(test)} test images in "
+              f"{len(train.classes)} classes, decoded by {workers or 'no'} worker processes)")
     return (FolderSplit(train, normalise, device, train=True, workers=workers),
             FolderSplit(test, normalise, device, train=False, workers=workers),
-            train.classes)
+            train.classes, source)
 
 
 class FolderSplit(Split):

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 
-CIFAR_PAD = 4  # random crop 32 with 4-pixel zero padding (spec, "Data augmentation for CIFAR")
+CIFAR_PAD = 4  # random crop 32 with 4-pixel zero padding (the paper's CIFAR augmentation)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from .cache import CACHE_NAME, load_or_build
 from .files import fetch_missing, read_verified
+from .system import SystemCopy, apt_install
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"
@@ -62,51 +64,99 @@ RAW_MD5: dict[str, dict[str, str]] = {
     },
 }
 
-# Read-only copies installed by the system, used when the data dir lacks the files:
-# (directory, how to repair it).
-SYSTEM_DIRS: dict[str, list[tuple[Path, str]]] = {
-    "fashion-mnist": [
-        (Path("/usr/share/datasets/fashion-mnist"),
-         "reinstall it with: apt-get install --reinstall dataset-fashion-mnist"),
-    ],
+# Copies installed by the system, used in place when the data dir lacks the files (and the
+# user did not name a data dir); Debian's may be installed when nothing else works.
+SYSTEM_DIRS: dict[str, list[SystemCopy]] = {
+    "fashion-mnist": [SystemCopy(Path("/usr/share/datasets/fashion-mnist"), "dataset-fashion-mnist")],
 }
 
 
-def load_idx_dataset(name: str, root: Path, *, download_ok: bool):
-    """(train_x, train_y, test_x, test_y): uint8 images (N, 1, H, W), int64 labels, on the CPU.
+def load_idx_dataset(name: str, root: Path, *, download_ok: bool, system_ok: bool = True,
+                     apt_ok: bool = False):
+    """((train_x, train_y, test_x, test_y), source): uint8 images (N, 1, H, W) and int64 labels
+    on the CPU, and one line saying where they came from.
 
-    Files are looked up in root/name, then in the system copies; missing ones are downloaded
-    into root/name when download_ok.
+    The files are read from root/name when it holds all four; else (system_ok: root is not a
+    data dir the user named) from a system copy; else the missing ones are downloaded into
+    root/name (download_ok); else (apt_ok) the system copy is installed with apt-get. The
+    decoded tensors are cached (cache.py), so later loads skip decompression and checksums.
     """
-    directory = root / name
+    folder, origin, copy = _locate(name, root / name, download_ok=download_ok, system_ok=system_ok,
+                                   apt_ok=apt_ok)
     md5s, raw = MD5[name], RAW_MD5.get(name, {})
-    found: dict[str, tuple[Path, str | None]] = {}
-    for filename in md5s:
-        for folder, fix in [(directory, None), *SYSTEM_DIRS.get(name, [])]:
-            if (folder / filename).is_file():
-                found[filename] = (folder / filename, fix)
-                break
-    missing = [f for f in md5s if f not in found]
-    if missing:
-        fetch_missing(name, directory, {f: md5s[f] for f in missing}, MIRRORS[name], download_ok=download_ok)
-        found.update({f: (directory / f, None) for f in missing})
 
-    def read(filename: str) -> torch.Tensor:
-        path, fix = found[filename]
-        if fix is None:
-            fix = (f"delete it and run again to download it afresh, or replace it with "
-                   f"{MIRRORS[name][0]}{filename}")
-        data = read_verified(path, md5s[filename], fix=fix, raw_md5=raw.get(filename))
-        return parse_idx(data, path)
+    def decode() -> dict[str, torch.Tensor]:
+        out = {}
+        for split, images_file, labels_file in (("train", TRAIN_IMAGES, TRAIN_LABELS),
+                                                ("test", TEST_IMAGES, TEST_LABELS)):
+            images, labels = (_read(folder / f, md5s[f], raw.get(f), copy, MIRRORS[name][0])
+                              for f in (images_file, labels_file))
+            if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+                raise UsageError(f"{folder / images_file} and {folder / labels_file} do not hold matching "
+                                 f"images (N, H, W) and labels (N,); replace them")
+            out[f"{split}_x"], out[f"{split}_y"] = images.unsqueeze(1), labels.long()
+        return out
 
-    splits = []
-    for images_file, labels_file in ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS)):
-        images, labels = read(images_file), read(labels_file)
-        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise UsageError(f"{found[images_file][0]} and {found[labels_file][0]} do not "
-                             f"hold matching images (N, H, W) and labels (N,); replace them")
-        splits += [images.unsqueeze(1), labels.long()]
-    return tuple(splits)
+    sources = {folder / f: {"md5": md5s[f], "raw_md5": raw.get(f)} for f in md5s}
+    cached = load_or_build(_cache_dir(name, root) / CACHE_NAME, sources, decode)
+    t = cached.tensors
+    return ((t["train_x"], t["train_y"], t["test_x"], t["test_y"]),
+            f"{name} from {folder}{origin}; {cached.note}")
+
+
+def _read(path: Path, md5: str, raw_md5: str | None, copy: SystemCopy | None, mirror: str) -> torch.Tensor:
+    fix = copy.fix if copy else f"delete it and run again to download it afresh, or replace it with {mirror}{path.name}"
+    return parse_idx(read_verified(path, md5, fix=fix, raw_md5=raw_md5), path)
+
+
+def _cache_dir(name: str, root: Path) -> Path:
+    """root/name, unless that is a package's directory: nothing is written there (a dpkg-owned
+    folder, writable when running as root), the cache goes to the default data dir instead."""
+    if any(root / name == c.directory for c in SYSTEM_DIRS.get(name, [])):
+        from . import default_data_dir
+
+        return default_data_dir() / name
+    return root / name
+
+
+def _holds_all(folder: Path, files) -> bool:
+    return all((folder / f).is_file() for f in files)
+
+
+def _locate(name: str, directory: Path, *, download_ok: bool, system_ok: bool, apt_ok: bool
+            ) -> tuple[Path, str, SystemCopy | None]:
+    """(the folder that holds all the files, how they got there, the system copy it is, if one).
+    Raises the one-line UsageError that says what to do when no way worked."""
+    md5s, copies = MD5[name], SYSTEM_DIRS.get(name, [])
+    here = next((c for c in copies if c.directory == directory), None)
+    if _holds_all(directory, md5s):
+        return directory, f" ({here.origin})" if here else "", here
+    for copy in copies if system_ok else []:
+        if _holds_all(copy.directory, md5s):
+            return copy.directory, f" ({copy.origin})", copy
+    missing = {f: md5s[f] for f in md5s if not (directory / f).is_file()}
+    try:
+        fetch_missing(name, directory, missing, MIRRORS[name], download_ok=download_ok)
+        return directory, f" ({len(missing)} of {len(md5s)} files downloaded just now)", None
+    except UsageError as e:
+        failure = str(e)
+    if not copies:
+        raise UsageError(failure)
+    copy = copies[0]
+    if not system_ok:  # a data dir the user named is never swapped for another copy
+        if _holds_all(copy.directory, md5s):
+            raise UsageError(f"{failure}; {copy.origin} is installed in {copy.directory}: use it with "
+                             f"--data-dir {copy.directory.parent}, or leave --data-dir out")
+        raise UsageError(f"{failure}; or install {copy.origin} (apt-get install {copy.package}) and "
+                         f"leave --data-dir out")
+    if not (download_ok and apt_ok):
+        raise UsageError(f"{failure}; or install {copy.origin}: apt-get install {copy.package}")
+    why = apt_install(copy.package)
+    if not why and not _holds_all(copy.directory, md5s):
+        why = f"{copy.directory} still lacks some of {', '.join(md5s)}"
+    if why:
+        raise UsageError(f"{failure}; installing {copy.origin} did not work either: {why}")
+    return copy.directory, f" ({copy.origin}, installed just now with apt-get)", copy
 
 
 def parse_idx(data: bytes, path: Path | str = "<bytes>") -> torch.Tensor:

@@ -240,6 +240,8 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
     env.barrier()
     if env.local_rank != 0:
         data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
+    if env.is_master:
+        print(f"data: {data.source}", flush=True)
 
     data.train.check_batch_size(config["train_bs"], rank=env.rank, world_size=env.world_size,
                                 name="--train_bs")  # before the run directory is written
