@@ -15,7 +15,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "torch_agd"
 # part of the same layer is a sibling it must not import (AGD knows nothing of models or data).
 LAYERS = (
     ("base",),                     # errors.py, atomic.py: the standard library only
-    ("optim", "data", "models"),   # the library: AGD (optim, plan, scale, init), datasets, networks
+    ("optim", "data", "models"),   # the library: AGD (optim, rules, layout, hostkernels, shard, init), datasets, networks
     ("train",),                    # agd train: uses the library
     ("experiments",),              # sweeps, figures, results page: use the trainer, never the reverse
     ("cli",),                      # agd train | sweep | plot
@@ -27,7 +27,7 @@ ROOT = "torch_agd"  # its __init__ only re-exports; an import of a name from it 
 
 
 def part_of(module: str, root: Path = PACKAGE) -> str:
-    """'torch_agd.train.run' -> 'train'; 'torch_agd.plan' -> 'optim'; 'torch_agd.errors' -> 'base'."""
+    """'torch_agd.train.run' -> 'train'; 'torch_agd.layout' -> 'optim'; 'torch_agd.errors' -> 'base'."""
     first = module.split(".")[1]
     if (root / first).is_dir():
         return first
