@@ -89,8 +89,8 @@ def test_subcommand_is_required(capsys):
     assert "agd: error:" in capsys.readouterr().err
 
 
-def _run(argv, **kwargs):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _run(argv, env=None, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=120, **kwargs)
 
@@ -108,9 +108,11 @@ def test_entry_points_print_errors_without_a_traceback(entry):
 @needs_fashion
 def test_main_py_trains_on_real_fashion_mnist(tmp_path):
     out = tmp_path / "run"
+    # the default data dir (here $AGD_DATA, empty) lets Debian's copy stand in; a named one would not
     result = _run(["main.py", "--dataset", "fashion-mnist", "--depth", "3", "--width", "32", "--epochs", "1",
-                   "--train-bs", "250", "--cpu", "--data-dir", str(tmp_path / "data"), "--out", str(out)])
+                   "--train-bs", "250", "--cpu", "--out", str(out)], env={"AGD_DATA": str(tmp_path / "data")})
     assert result.returncode == 0, result.stderr
+    assert "data: fashion-mnist from /usr/share/datasets/fashion-mnist (Debian package" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 1 and summary["test_acc"] > 0.6  # chance is 0.1
     assert "done: 1 epochs" in result.stdout and str(out) in result.stdout

@@ -161,6 +161,9 @@ def test_compare_knows_which_way_is_better_and_whether_the_seeds_overlap(tmp_pat
     acc_hi, acc_lo = _runs(tmp_path, "ahi", [0.9, 0.91]), _runs(tmp_path, "alo", [0.8, 0.95])
     assert findings.compare(acc_lo, acc_hi, "AGD", "Y").text == \
         "AGD loses to Y by 3.0 points of test accuracy (within the seed spread)"
+    one = _runs(tmp_path, "one", [0.5])  # a single seed is never "beyond" anything
+    assert findings.compare(one, acc_hi, "AGD", "Y").tail == \
+        " by 40.5 points of test accuracy (one seed: no spread measured)"
 
 
 # --- the batch section ---------------------------------------------------------------------------

@@ -111,6 +111,8 @@ def compare(a: Sequence[Run], b: Sequence[Run], a_name: str, b_name: str, *,
     b_low, b_high = (sb.lo, sb.hi) if not metric.lower_is_better else (-sb.hi, -sb.lo)
     beyond = a_high < b_low if gap > 0 else b_high < a_low
     where = "beyond the seed spread" if beyond else "within the seed spread"
+    if min(sa.n, sb.n) < 2:  # one seed has no spread to be beyond: say how little was run
+        where = "one seed: no spread measured"
     by = f" by {abs(gap):.1f}{metric.unit()} ({where})"
     if gap < 0:
         return Finding(f"{a_name} beats {b_name}{by}")
