@@ -12,6 +12,8 @@ from torch_agd.train import rundir
 
 # Debian's dataset-fashion-mnist: the real data, found in place without a download.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
+# A --data-dir holding fashion-mnist/: Debian's copy (a named data dir is used alone, never replaced)
+DEBIAN_DATA = FASHION.parent
 needs_fashion = pytest.mark.skipif(
     not (FASHION / "train-images-idx3-ubyte.gz").exists(),
     reason="real Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 import rank_probe
-from helpers import bitwise_equal, metrics_rows, needs_fashion
+from helpers import DEBIAN_DATA, bitwise_equal, metrics_rows, needs_fashion
 from torch_agd.cli import main
 from torch_agd.train import rundir
 from torch_agd.train.config import TIMING_KEYS
@@ -212,7 +212,7 @@ def test_bad_dist_timeout_is_one_line_error(value, tmp_path, capsys, monkeypatch
 def test_train_bs_not_divisible_under_torchrun_is_one_line_error_at_start(tmp_path):
     out = tmp_path / "run"
     proc = _torchrun(*FLAGS[:-6], "--train_bs", "1001", "--test_bs", "768", "--out", str(out),
-                     data_dir=tmp_path / "data")
+                     data_dir=DEBIAN_DATA)
     stdout, stderr = _finish(proc, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in stderr.splitlines() if "agd: error:" in line]
@@ -230,12 +230,12 @@ def runs(tmp_path_factory, one_thread):
     """The same run on 2 processes under torchrun and in one process (in this one, meanwhile)."""
     tmp = tmp_path_factory.mktemp("runs")
     two, one = tmp / "two", tmp / "one"
-    proc = _torchrun(*FLAGS, "--out", str(two), data_dir=tmp / "data", probe=tmp / "dump2")
+    proc = _torchrun(*FLAGS, "--out", str(two), data_dir=DEBIAN_DATA, probe=tmp / "dump2")
     with pytest.MonkeyPatch.context() as mp:
         for var in LAUNCHER_VARS:
             mp.delenv(var, raising=False)
         rank_probe.install(mp.setattr, tmp / "dump1", rank=0)
-        assert main(["train", *FLAGS, "--out", str(one), "--data_dir", str(tmp / "data")]) == 0
+        assert main(["train", *FLAGS, "--out", str(one), "--data_dir", str(DEBIAN_DATA)]) == 0
     stdout, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
     return dict(two=two, one=one, dump2=tmp / "dump2", dump1=tmp / "dump1", stdout=stdout, stderr=stderr)
@@ -285,7 +285,7 @@ def test_two_rank_evaluation_counts_every_test_sample_once(runs):
     from torch_agd.models import build_model
     from torch_agd.train.loop import evaluate, mse_loss
 
-    data = load_data("fashion-mnist", runs["one"].parent / "data", "cpu")
+    data = load_data("fashion-mnist", DEBIAN_DATA, "cpu")
     model = build_model("fcn", data.info, depth=3, width=32)
     rows = metrics_rows(runs["two"])
     for epoch in range(1, EPOCHS + 1):
@@ -308,7 +308,8 @@ def test_only_rank_0_reports(runs):
     lines = runs["stdout"].splitlines()
     assert sum(line.startswith("epoch ") for line in lines) == EPOCHS, runs["stdout"]
     assert sum(line.startswith("done: ") for line in lines) == 1
-    assert "2 x cpu" in lines[0]
+    assert sum(line.startswith("data: ") for line in lines) == 1 and lines[0].startswith("data: ")
+    assert "2 x cpu" in lines[1]
     config = json.loads((runs["two"] / rundir.CONFIG).read_text())
     assert config["train_bs"] == 2048 and config["test_bs"] == 768  # global sizes, as typed
 
@@ -319,7 +320,7 @@ def test_only_rank_0_reports(runs):
 @end_to_end
 def test_resume_after_killing_the_torchrun_group_matches_an_uninterrupted_run(runs, tmp_path):
     out = tmp_path / "killed"
-    proc = _torchrun(*FLAGS, "--out", str(out), data_dir=tmp_path / "data")
+    proc = _torchrun(*FLAGS, "--out", str(out), data_dir=DEBIAN_DATA)
     _wait_for(out / rundir.CHECKPOINT, [proc])
     workers = _kill_job(proc)  # the launcher and both ranks at once, as a preemption (scancel) would
     assert sorted(workers) == [0, 1]
@@ -330,7 +331,7 @@ def test_resume_after_killing_the_torchrun_group_matches_an_uninterrupted_run(ru
     state = torch.load(out / rundir.CHECKPOINT, weights_only=True)
     assert state["epoch"] < EPOCHS and not (out / rundir.SUMMARY).exists()
 
-    resumed = _torchrun("--out", str(out), "--resume", data_dir=tmp_path / "data")
+    resumed = _torchrun("--out", str(out), "--resume", data_dir=DEBIAN_DATA)
     stdout, stderr = _finish(resumed)
     assert resumed.returncode == 0, stderr
     assert f"resuming at epoch {state['epoch'] + 1}" in stdout
@@ -346,7 +347,7 @@ def test_resume_after_killing_the_torchrun_group_matches_an_uninterrupted_run(ru
 @end_to_end
 def test_a_dead_rank_ends_the_torchrun_job(tmp_path):
     out = tmp_path / "run"
-    proc = _torchrun(*FLAGS, "--out", str(out), data_dir=tmp_path / "data")
+    proc = _torchrun(*FLAGS, "--out", str(out), data_dir=DEBIAN_DATA)
     _wait_for(out / rundir.CHECKPOINT, [proc])
     workers = _rank_pids(proc.pid)
     os.kill(workers[1], signal.SIGKILL)
@@ -373,7 +374,7 @@ def test_a_hung_or_dead_rank_ends_rank_0_with_one_line(fate, tmp_path):
         env = _env(OMPI_COMM_WORLD_SIZE="2", OMPI_COMM_WORLD_RANK=str(rank), OMPI_COMM_WORLD_LOCAL_RANK="0",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AGD_DIST_TIMEOUT=str(timeout))
         procs.append(subprocess.Popen([sys.executable, "-m", "torch_agd", "train", *FLAGS, "--out", "run",
-                                       "--data_dir", str(tmp_path / "data")], cwd=cwd, env=env,
+                                       "--data_dir", str(DEBIAN_DATA)], cwd=cwd, env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         _wait_for(cwds[0] / "run" / rundir.CHECKPOINT, procs)

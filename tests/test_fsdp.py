@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch import nn
 
 import fsdp_driver
-from helpers import bitwise_equal, metrics_rows
+from helpers import DEBIAN_DATA, bitwise_equal, metrics_rows
 from test_distributed import (EPOCHS, FLAGS, LAUNCHER_VARS, N_TEST, REPO, STEPS_PER_EPOCH, _alive, _env, _finish,
                               _free_port, _kill_job, _no_agd_traceback, _rel, _torchrun, _wait_for, end_to_end)
 from torch_agd.cli import main
@@ -323,13 +323,13 @@ def fsdp_runs(tmp_path_factory, one_thread):
     ranks) as soon as it has written its first checkpoint."""
     tmp = tmp_path_factory.mktemp("fsdp-runs")
     two, one, killed = tmp / "two", tmp / "one", tmp / "killed"
-    proc = _torchrun(*FLAGS, "--fsdp", "--out", str(two), data_dir=tmp / "data")
-    doomed = _torchrun(*FLAGS, "--fsdp", "--out", str(killed), data_dir=tmp / "data")
+    proc = _torchrun(*FLAGS, "--fsdp", "--out", str(two), data_dir=DEBIAN_DATA)
+    doomed = _torchrun(*FLAGS, "--fsdp", "--out", str(killed), data_dir=DEBIAN_DATA)
     _wait_for(killed / rundir.CHECKPOINT_DIR, [doomed])
     workers = _kill_job(doomed)
     with pytest.MonkeyPatch.context() as mp:
         _clean_launch(mp)
-        assert main(["train", *FLAGS, "--out", str(one), "--data_dir", str(tmp / "data")]) == 0
+        assert main(["train", *FLAGS, "--out", str(one), "--data_dir", str(DEBIAN_DATA)]) == 0
     stdout, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
     return dict(tmp=tmp, two=two, one=one, stdout=stdout, whole=_consolidated(two / rundir.CHECKPOINT_DIR, tmp),
@@ -356,7 +356,7 @@ def test_fsdp_training_matches_one_process(fsdp_runs):
     assert sorted(p.name for p in fsdp_runs["two"].iterdir()) == sorted(
         [rundir.CONFIG, rundir.METRICS, rundir.CHECKPOINT_DIR, rundir.SUMMARY])
     assert sum(line.startswith("epoch ") for line in fsdp_runs["stdout"].splitlines()) == EPOCHS
-    assert "2 x cpu, FSDP" in fsdp_runs["stdout"].splitlines()[0]
+    assert "2 x cpu, FSDP" in fsdp_runs["stdout"].splitlines()[1]  # after the data line
 
 
 @end_to_end
@@ -365,7 +365,7 @@ def test_fsdp_evaluation_is_the_one_process_evaluation_of_the_same_weights(fsdp_
     from torch_agd.models import build_model
     from torch_agd.train.loop import evaluate, mse_loss
 
-    data = load_data("fashion-mnist", fsdp_runs["tmp"] / "data", "cpu")
+    data = load_data("fashion-mnist", DEBIAN_DATA, "cpu")
     model = build_model("fcn", data.info, depth=3, width=32)
     model.load_state_dict(fsdp_runs["whole"]["model"])
     alone = evaluate(model, data.test.batches(768), loss_fn=mse_loss, device=torch.device("cpu")).tolist()
@@ -389,11 +389,11 @@ def resumed(fsdp_runs, tmp_path_factory):
     assert epoch < EPOCHS and not (killed / rundir.SUMMARY).exists()
     shutil.copytree(killed, onto_one)
 
-    proc = _torchrun("--out", str(killed), "--resume", data_dir=fsdp_runs["tmp"] / "data")
+    proc = _torchrun("--out", str(killed), "--resume", data_dir=DEBIAN_DATA)
     one_process = io.StringIO()
     with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(one_process):
         _clean_launch(mp)
-        assert main(["train", "--out", str(onto_one), "--resume", "--data_dir", str(fsdp_runs["tmp"] / "data")]) == 0
+        assert main(["train", "--out", str(onto_one), "--resume", "--data_dir", str(DEBIAN_DATA)]) == 0
     stdout, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
     return dict(epoch=epoch, killed=killed, onto_one=onto_one, stdout=stdout, stdout_one=one_process.getvalue(), tmp=tmp)
@@ -428,7 +428,7 @@ def test_an_fsdp_run_from_2_ranks_resumes_on_1(fsdp_runs, resumed):
 @end_to_end
 def test_a_bad_fsdp_launch_under_torchrun_is_one_line_from_rank_0(tmp_path):
     out = tmp_path / "run"
-    proc = _torchrun(*FLAGS, "--fsdp", "--optimizer", "prodigy", "--out", str(out), data_dir=tmp_path / "data")
+    proc = _torchrun(*FLAGS, "--fsdp", "--optimizer", "prodigy", "--out", str(out), data_dir=DEBIAN_DATA)
     stdout, stderr = _finish(proc, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in stderr.splitlines() if "agd: error:" in line]
@@ -452,7 +452,7 @@ def test_fsdp_on_a_run_without_it_is_a_one_line_error(fsdp_runs, tmp_path, capsy
     config = json.loads((run / rundir.CONFIG).read_text())
     (run / rundir.CONFIG).write_text(json.dumps({**config, "fsdp": True}))
     before = (run / rundir.METRICS).read_bytes()
-    assert main(["train", "--out", str(run), "--resume", "--data_dir", str(fsdp_runs["tmp"] / "data")]) == 2
+    assert main(["train", "--out", str(run), "--resume", "--data_dir", str(DEBIAN_DATA)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"agd: error: {run} holds checkpoint.pt, written without --fsdp") and err.count("\n") == 1
     assert (run / rundir.METRICS).read_bytes() == before and not dist.is_initialized()

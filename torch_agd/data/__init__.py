@@ -11,13 +11,13 @@ says where a load's data came from. See docs/data.md for where files go and offl
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
+from .files import default_data_dir
 from .loader import Split, TensorSplit
 
 __all__ = ["DATASETS", "TEXT", "Data", "DatasetInfo", "Split", "default_data_dir", "load_data"]
@@ -60,12 +60,6 @@ class Data:
     # One line (for the user) naming where the data came from: the folder, whether it was found,
     # downloaded or installed by the system, and whether the decoded cache served it.
     source: str = ""
-
-
-def default_data_dir() -> Path:
-    """$AGD_DATA if set, else ~/.cache/torch-agd."""
-    env = os.environ.get("AGD_DATA")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "torch-agd"
 
 
 def load_data(name: str, data_dir: str | Path | None = None, device: torch.device | str = "cpu",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import os
 import sys
 import urllib.request
 import zlib
@@ -19,6 +20,13 @@ from pathlib import Path
 
 from ..atomic import atomic_file
 from ..errors import UsageError
+
+
+def default_data_dir() -> Path:
+    """$AGD_DATA if set, else ~/.cache/torch-agd."""
+    env = os.environ.get("AGD_DATA")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "torch-agd"
+
 
 _CHUNK = 1 << 20
 TIMEOUT_S = 60.0  # per network operation; a dead mirror must not hang a run forever

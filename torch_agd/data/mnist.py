@@ -18,7 +18,7 @@ import torch
 
 from ..errors import UsageError
 from .cache import CACHE_NAME, load_or_build
-from .files import fetch_missing, read_verified
+from .files import default_data_dir, fetch_missing, read_verified
 from .system import SystemCopy, apt_install
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
@@ -113,8 +113,6 @@ def _cache_dir(name: str, root: Path) -> Path:
     """root/name, unless that is a package's directory: nothing is written there (a dpkg-owned
     folder, writable when running as root), the cache goes to the default data dir instead."""
     if any(root / name == c.directory for c in SYSTEM_DIRS.get(name, [])):
-        from . import default_data_dir
-
         return default_data_dir() / name
     return root / name
 
