@@ -218,8 +218,10 @@ def test_momentum_verdict_when_momentum_wins_everywhere_and_when_it_does_not(tmp
     _write_grid(tmp_path, "momentum", {**MOMENTUM_WINS, "cnn-e2-agd-m0.9": 0.805})
     section = results_momentum.render_momentum(find_runs([tmp_path / "momentum"]))
     assert section.findings[-1].text == ("Momentum 0.9 (Nesterov) beat momentum 0 in 3 of 3 settings (2 beyond "
-                                         "the seed spread): momentum won everywhere measured; the trainer's "
-                                         "default is --momentum 0")
+                                         "the seed spread): momentum won everywhere measured, yet the default "
+                                         "stays --momentum 0, the paper's exact rule with no optimizer state "
+                                         "(momentum holds a buffer the size of the weights); turn it on with "
+                                         "--momentum 0.9")
     _write_grid(tmp_path, "momentum", {**MOMENTUM_WINS, "fcn-e10-agd-m0.9": 0.79})
     section = results_momentum.render_momentum(find_runs([tmp_path / "momentum"]))
     assert section.findings[-1].text == ("Momentum 0.9 (Nesterov) beat momentum 0 in 2 of 3 settings (not in: "

@@ -111,8 +111,13 @@ def _verdict(measured: list[Setting]) -> Finding | None:
     clear = sum(m.lo > z.hi for s, m, z in pairs if s in won)
     lead = f"Momentum 0.9 (Nesterov) beat momentum 0 in {len(won)} of {len(pairs)} settings"
     if len(won) == len(pairs):
-        return Finding(f"{lead} ({clear} beyond the seed spread): momentum won everywhere measured; "
-                       f"the trainer's default is --momentum {DEFAULT_MOMENTUM:g}")
+        if DEFAULT_MOMENTUM:
+            return Finding(f"{lead} ({clear} beyond the seed spread): momentum won everywhere measured, "
+                           f"and the trainer's default is --momentum {DEFAULT_MOMENTUM:g}")
+        # Said plainly: the default did not follow the measurement, and why.
+        return Finding(f"{lead} ({clear} beyond the seed spread): momentum won everywhere measured, yet the "
+                       f"default stays --momentum 0, the paper's exact rule with no optimizer state (momentum "
+                       f"holds a buffer the size of the weights); turn it on with --momentum 0.9")
     lost = ", ".join(s.name for s, _, _ in pairs if s not in won)
     default = (f"so the default stays {DEFAULT_MOMENTUM:g}" if DEFAULT_MOMENTUM == 0
                else f"against the trainer's default of {DEFAULT_MOMENTUM:g}")
