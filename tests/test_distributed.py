@@ -280,6 +280,31 @@ def test_two_ranks_match_one_process_weights_eta_and_accuracy(runs):
 
 
 @end_to_end
+def test_momentum_under_ddp_matches_one_process(tmp_path, one_thread):
+    # The buffers are built from the averaged gradients, so every rank holds the one-process ones.
+    flags = [*FLAGS[:-1], "1", "--momentum", "0.9"]
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = _torchrun(*flags, "--out", str(two), data_dir=DEBIAN_DATA)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in LAUNCHER_VARS:
+            mp.delenv(var, raising=False)
+        assert main(["train", *flags, "--out", str(one), "--data_dir", str(DEBIAN_DATA)]) == 0
+    _, stderr = _finish(proc)
+    assert proc.returncode == 0, stderr
+    a, b = (torch.load(d / rundir.CHECKPOINT, weights_only=True) for d in (two, one))
+    for name in b["model"]:
+        assert _rel_norm(a["model"][name], b["model"][name]) <= 1e-5, name
+    buffers = [(i, s["momentum_buffer"]) for i, s in b["optimizer"]["state"].items() if "momentum_buffer" in s]
+    assert len(buffers) == 3  # one per weight of the 3-layer FCN
+    for i, buf in buffers:
+        assert buf.norm() > 0 and _rel_norm(a["optimizer"]["state"][i]["momentum_buffer"], buf) <= 1e-5, i
+
+
+def _rel_norm(x, y) -> float:
+    return ((x - y).norm() / y.norm()).item()
+
+
+@end_to_end
 def test_two_rank_evaluation_counts_every_test_sample_once(runs):
     from torch_agd.data import load_data
     from torch_agd.models import build_model

@@ -297,12 +297,14 @@ def test_baseline_run_has_no_eta(fake_fashion, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["agd", "schedulefree"])
+@pytest.mark.parametrize("optimizer", ["agd", "agd --momentum 0.9", "schedulefree"])
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(fake_fashion, tmp_path,
                                                                                   monkeypatch, capsys, optimizer):
+    # AGD with momentum: the buffers must come back from the checkpoint exactly
+    optimizer, *more = optimizer.split()
     if optimizer == "schedulefree":  # keeps train and eval weights: the switch must survive a resume
         pytest.importorskip("schedulefree", reason='needs pip install "torch-agd[peers]"')
-    assert main(_argv(fake_fashion, tmp_path / "whole", 3, "--optimizer", optimizer)) == 0
+    assert main(_argv(fake_fashion, tmp_path / "whole", 3, "--optimizer", optimizer, *more)) == 0
 
     calls = []
     real_evaluate = run_module.evaluate
@@ -315,7 +317,7 @@ def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_ru
 
     monkeypatch.setattr(run_module, "evaluate", evaluate_then_ctrl_c)
     cut = tmp_path / "cut"
-    assert main(_argv(fake_fashion, cut, 3, "--optimizer", optimizer)) == 130
+    assert main(_argv(fake_fashion, cut, 3, "--optimizer", optimizer, *more)) == 130
     assert "--resume" in capsys.readouterr().err
     assert torch.load(cut / "checkpoint.pt", weights_only=True)["epoch"] == 1
     assert not (cut / "summary.json").exists() and len(metrics_rows(cut)) == 1
