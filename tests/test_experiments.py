@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import struct
 from pathlib import Path
 
@@ -424,6 +425,18 @@ def test_where_agd_loses_lists_the_findings_the_sections_state(tmp_path):
                          "AGD vs schedulefree: not comparable (a run diverged)"]
     for section in sections.values():  # each finding is in its section's text, bold where worse
         assert all(f.markdown in section.text for f in section.findings)
+
+
+def test_results_page_names_the_runs_a_sweep_under_way_has_not_started(tmp_path):
+    # run every batch run, then delete one: sweep.json still lists it
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=FakeTrainer()) == 0
+    grids = results.read_grids(tmp_path)
+    page = results.render_markdown(Path("runs"), grids, {g: f"figures/{g}.png" for g in grids})
+    assert "Not yet run" not in page
+    shutil.rmtree(tmp_path / "batch" / "bs4096-s0")
+    grids = results.read_grids(tmp_path)
+    page = results.render_markdown(Path("runs"), grids, {g: f"figures/{g}.png" for g in grids})
+    assert "Not yet run (1 of the grid's runs that sweep.json lists; `agd sweep batch` runs them): bs4096-s0." in page
 
 
 def test_results_page_without_runs_is_an_error(tmp_path, capsys):
