@@ -41,7 +41,7 @@ DATASETS: dict[str, DatasetInfo] = {
     # MNIST's (same format, same role in the paper's code); docs/data.md has its own stats.
     "fashion-mnist": DatasetInfo("fashion-mnist", 10, (1, 28, 28), **_MNIST),
     "cifar10": DatasetInfo("cifar10", 10, (3, 32, 32), **_CIFAR),
-    # The paper's code has one set of CIFAR constants and the paper's code uses them for CIFAR-100 too.
+    # The paper's code has one set of CIFAR constants and uses them for CIFAR-100 too.
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), **_CIFAR),
     "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224),
                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
