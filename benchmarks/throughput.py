@@ -1,6 +1,6 @@
 """Training throughput of `agd train`, and its wall time against the published pipeline.
 
-    python benchmarks/throughput.py              # everything (a few minutes on 2 CPU cores)
+    python benchmarks/throughput.py              # everything (about 5 minutes on 2 CPU cores)
     python benchmarks/throughput.py --no-job     # samples/s only
     python benchmarks/throughput.py --job-only   # the whole-job comparison only
 
@@ -209,7 +209,7 @@ def whole_job(repeats: int, device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each whole job (median reported)")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds of the whole-job comparison (median reported)")
     parser.add_argument("--no-job", action="store_true", help="skip the whole-job comparison")
     parser.add_argument("--job-only", action="store_true", help="only the whole-job comparison")
     parser.add_argument("--published-job", metavar="ROOT", help=argparse.SUPPRESS)

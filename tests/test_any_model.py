@@ -13,7 +13,7 @@ import torch
 from helpers import metrics_rows
 from fakedata import install_fake_idx
 from torch_agd.cli import main
-from torch_agd.data import DATASETS, load_data
+from torch_agd.data import DATASETS
 from torch_agd.data.text import CONTEXT, TextSplit, load_text, stdlib_files
 from torch_agd.models import build_model
 from torch_agd.rules import module_param_groups

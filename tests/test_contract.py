@@ -5,6 +5,8 @@ import copy
 import inspect
 import io
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -260,6 +262,36 @@ def test_hooks_run_around_the_step():
     opt.step()
     assert seen == [("pre", None), ("post", 1)]
 
+
+_EAGER_JOB = """
+import sys, torch
+from torch_agd import AGD
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+opt = AGD(model)
+model(torch.randn(3, 4)).square().mean().backward()
+opt.step()
+opt.zero_grad()
+opt.load_state_dict(opt.state_dict())
+{after}
+print(sorted(name for name in ("torch._dynamo", "torch.distributed.tensor") if name in sys.modules))
+"""
+
+
+def test_an_eager_job_imports_neither_dynamo_nor_dtensor():
+    """Their imports cost a short CPU job 1.2 s and 0.75 s of start-up (benchmarks/throughput.py)."""
+    run = subprocess.run([sys.executable, "-c", _EAGER_JOB.format(after="")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
+
+
+def test_once_dynamo_is_loaded_the_methods_keep_torch_optims_dynamo_guard():
+    # torch._disable_dynamo caches the guarded function on the plain one at its first call
+    after = """import torch._dynamo
+opt.zero_grad(); opt.state_dict()
+plain = torch.optim.Optimizer
+assert all(hasattr(getattr(plain, m).__wrapped__, "__dynamo_disable") for m in ("zero_grad", "state_dict"))"""
+    run = subprocess.run([sys.executable, "-c", _EAGER_JOB.format(after=after)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr  # the assert inside the job
 
 def test_zero_grad_and_closure():
     model = net()

@@ -18,7 +18,9 @@ which there is a plain memory load, to skip a masking pass.)
 """
 from __future__ import annotations
 
+import functools
 import math
+import sys
 from numbers import Real
 
 import torch
@@ -207,6 +209,22 @@ def _clear_if_skipped(buffers: list[Tensor], finite: Tensor) -> None:
         buf.masked_fill_(skipped.to(buf.device), 0)
 
 
+def _eager_unless_tracing(method):
+    """torch.optim wraps add_param_group, zero_grad, state_dict and load_state_dict in
+    torch._disable_dynamo so that no compiled region traces them, and its first call imports
+    torch._dynamo: 1.2 s of a short CPU job's start-up. While torch._dynamo is not imported,
+    nothing can be tracing, so the plain method serves; once it is, the guarded one does."""
+    plain = method.__wrapped__
+
+    @functools.wraps(plain)
+    def call(self, *args, **kwargs):
+        return (method if "torch._dynamo" in sys.modules else plain)(self, *args, **kwargs)
+    return call
+
+
+_add_param_group = _eager_unless_tracing(Optimizer.add_param_group)
+
+
 class AGD(Optimizer):
     """Automatic Gradient Descent: no learning rate to tune.
 
@@ -252,6 +270,11 @@ class AGD(Optimizer):
         self._constructing = False
         self._set_depth(module)
 
+    # torch.optim's own methods, without importing torch._dynamo in an eager job (see above)
+    zero_grad = _eager_unless_tracing(Optimizer.zero_grad)
+    state_dict = _eager_unless_tracing(Optimizer.state_dict)
+    load_state_dict = _eager_unless_tracing(Optimizer.load_state_dict)
+
     # -------------------------------------------------------- groups and depth
 
     def _name(self, group: dict, index: int, group_index: int) -> str:
@@ -261,7 +284,7 @@ class AGD(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         gi = len(self.param_groups)
         given_depth = param_group.get("depth", self.defaults["depth"]) if isinstance(param_group, dict) else None
-        super().add_param_group(param_group)
+        _add_param_group(self, param_group)
         group = self.param_groups[-1]
         where = f" of param group {gi}" if gi else ""
         if given_depth != self.defaults["depth"]:

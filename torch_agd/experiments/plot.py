@@ -24,8 +24,7 @@ from typing import Sequence
 
 from torch_agd.atomic import atomic_file
 from torch_agd.errors import UsageError
-from torch_agd.experiments.runs import SWEEP_MANIFEST, Run, final_stat, find_runs, group_runs, stat
-from torch_agd.train import rundir
+from torch_agd.experiments.runs import Run, final_stat, find_runs, group_runs, read_manifest, stat
 
 CURVES = (  # (metrics key, axis label, log scale, shown in percent)
     ("train_loss", "train loss", True, False),
@@ -273,7 +272,7 @@ def _recorded_kind(dirs: Sequence[Path]) -> str | None:
     """The panel for one sweep directory, from the grid its sweep.json records."""
     if len(dirs) != 1:
         return None
-    return GRID_KINDS.get(rundir.read_json(dirs[0] / SWEEP_MANIFEST).get("grid"))
+    return GRID_KINDS.get(read_manifest(dirs[0]).get("grid"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,8 @@ from torch_agd.experiments.findings import (
     ACCURACY_HEADERS, Finding, Section, accuracy_cells, best_group, loss_text, pct, versus,
 )
 from torch_agd.experiments.plot import GRID_KINDS, make_figure, save_figure
-from torch_agd.experiments.runs import SWEEP_MANIFEST, Run, final_stat, find_runs, group_runs, markdown_table, stat
+from torch_agd.experiments.runs import (SWEEP_MANIFEST, Run, final_stat, find_runs, group_runs, markdown_table,
+                                        read_manifest, stat)
 from torch_agd.train import rundir
 
 GRID_ORDER = ("lr", "shape", "batch", "batch-steps", "peers", "momentum", "models")
@@ -227,8 +228,7 @@ def read_grids(root: Path) -> dict[str, list[Run]]:
 def _not_started(sweep_dir: Path, runs: Sequence[Run]) -> list[str]:
     """Runs that the sweep's manifest lists but that have no run directory yet: a page rendered
     while a sweep is under way says what it does not yet include."""
-    path = sweep_dir / SWEEP_MANIFEST
-    listed = rundir.read_json(path).get("runs", {}) if path.exists() else {}
+    listed = read_manifest(sweep_dir).get("runs", {})
     present = {run.name for run in runs}
     return [name for name in listed if name not in present]
 

@@ -23,6 +23,12 @@ SWEEP_MANIFEST = "sweep.json"  # in a sweep directory: its grid and every run's 
 _SEED_SUFFIX = re.compile(r"-s(\d+)$")
 
 
+def read_manifest(sweep_dir: Path) -> dict:
+    """A sweep directory's sweep.json: {"grid", "scale", "runs": {name: argv}}; {} where there
+    is none or it is not valid JSON."""
+    return rundir.read_json(Path(sweep_dir) / SWEEP_MANIFEST)
+
+
 def run_name(group: str, seed: int) -> str:
     """The directory name of ``group``'s run at ``seed``; Run.group reads the group back."""
     return f"{group}-s{seed}"

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 from torch_agd.errors import UsageError
 from torch_agd.experiments.grids import GRIDS, SCALES, RunSpec, grid_runs
 from torch_agd.experiments.runs import (
-    SWEEP_MANIFEST, Run, final_stat, group_runs, has_metrics, load_run, markdown_table,
+    SWEEP_MANIFEST, Run, final_stat, group_runs, has_metrics, load_run, markdown_table, read_manifest,
 )
 from torch_agd.train import rundir
 
@@ -73,7 +73,7 @@ def _check_manifest(sweep_dir: Path, name: str, scale: str, specs: Sequence[RunS
     path = sweep_dir / SWEEP_MANIFEST
     manifest = {"grid": name, "scale": scale, "runs": {}}
     if path.exists():
-        manifest = rundir.read_json(path)
+        manifest = read_manifest(sweep_dir)
         if not manifest:
             raise UsageError(f"{path} is not valid JSON; delete it to start the sweep afresh")
     if manifest.get("grid") != name:
