@@ -152,10 +152,8 @@ def _torchvision_root() -> str:
     return str(root)
 
 
-CPU_SECONDS: dict[str, list[float]] = {}  # per job kind: the child's user + system CPU time
-
-
-def _timed(argv: list[str], env: dict | None = None, kind: str = "") -> tuple[float, str]:
+def _timed(argv: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(wall seconds, CPU seconds (user + system), stdout) of one run of ``argv`` in a fresh process."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, env=env)
@@ -164,8 +162,7 @@ def _timed(argv: list[str], env: dict | None = None, kind: str = "") -> tuple[fl
     if result.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed:\n{result.stderr}")
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    CPU_SECONDS.setdefault(kind, []).append(cpu)
-    return seconds, result.stdout
+    return seconds, cpu, result.stdout
 
 
 def whole_job(repeats: int, device: str) -> None:
@@ -173,21 +170,24 @@ def whole_job(repeats: int, device: str) -> None:
         print(f"whole job: skipped, {FASHION} is missing (apt-get install dataset-fashion-mnist)")
         return
     root = _torchvision_root()
-    ours, published = [], []
+    ours, published, cpu_ours, cpu_published = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         flags = [] if device == "cuda" else ["--cpu"]
         # The default data dir (no --data-dir), as `make train` runs it: Debian's copy serves,
         # the decoded cache goes to this fresh $AGD_DATA.
         env = {**os.environ, "AGD_DATA": f"{tmp}/data"}
 
-        def agd_train(out: str, kind: str) -> tuple[float, str]:
-            return _timed(["-m", "torch_agd", "train", *JOB, *flags, "--out", f"{tmp}/{out}"], env, kind)
+        def agd_train(out: str) -> tuple[float, float, str]:
+            return _timed(["-m", "torch_agd", "train", *JOB, *flags, "--out", f"{tmp}/{out}"], env)
 
-        first, _ = agd_train("first", "first")
+        first, _, _ = agd_train("first")
         for i in range(repeats):  # each round runs both, so both see the same machine load
-            published.append(_timed([__file__, "--published-job", root, "--device", device], kind="published")[0])
-            seconds, stdout = agd_train(f"run{i}", "ours")
+            seconds, cpu, _ = _timed([__file__, "--published-job", root, "--device", device])
+            published.append(seconds)
+            cpu_published.append(cpu)
+            seconds, cpu, stdout = agd_train(f"run{i}")
             ours.append(seconds)
+            cpu_ours.append(cpu)
         data_line = next((line for line in stdout.splitlines() if line.startswith("data: ")), "(no data line)")
     a, b = statistics.median(ours), statistics.median(published)
     ratio = statistics.median(o / p for o, p in zip(ours, published))
@@ -200,7 +200,6 @@ def whole_job(repeats: int, device: str) -> None:
     print(f"  ratio agd train / published (median of the rounds' ratios: "
           f"{', '.join(f'{o / p:.2f}' for o, p in zip(ours, published))}): {ratio:.2f}  (target <= 0.33)")
     # On a machine shared with other work, wall times stretch with its load; CPU time much less.
-    cpu_ours, cpu_published = CPU_SECONDS["ours"][-repeats:], CPU_SECONDS["published"][-repeats:]
     print(f"  CPU seconds (user + system), for a shared machine: published "
           f"{', '.join(f'{t:.1f}' for t in cpu_published)}; agd train {', '.join(f'{t:.1f}' for t in cpu_ours)}; "
           f"ratio {statistics.median(o / p for o, p in zip(cpu_ours, cpu_published)):.2f}; "

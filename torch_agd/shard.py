@@ -17,20 +17,11 @@ from torch import Tensor
 from .errors import UsageError
 
 
-def _dtensor_type():
-    # A DTensor exists only once its module is imported; importing it here would cost every
-    # unsharded job 0.75 s of start-up (it pulls in sympy and the meta registrations).
-    if "torch.distributed.tensor" not in sys.modules:
-        return None
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch built without distributed support
-        return None
-    return DTensor
-
-
 def is_sharded(t: Tensor) -> bool:
-    dtensor = _dtensor_type()
+    # A DTensor exists only once its module is loaded (never, in a torch built without
+    # distributed support); importing it here would cost every unsharded job 0.75 s of
+    # start-up (it pulls in sympy and the meta registrations).
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     return dtensor is not None and isinstance(t, dtensor)
 
 

@@ -35,6 +35,8 @@ MAGIC = b"torch-agd decoded dataset\n"
 VERSION = 1
 _DTYPES = {"uint8": torch.uint8, "int64": torch.int64}
 _ALIGN = 8  # every array starts at a multiple of 8, so int64 views are aligned
+# What every dataset decodes to, in this order: uint8 images and int64 labels of each split.
+SPLITS = ("train_x", "train_y", "test_x", "test_y")
 
 
 def source_key(sources: dict[Path, dict]) -> list[dict]:
@@ -51,22 +53,25 @@ def source_key(sources: dict[Path, dict]) -> list[dict]:
 
 @dataclass
 class Cached:
-    tensors: dict[str, torch.Tensor]
+    tensors: tuple[torch.Tensor, ...]  # in the order of SPLITS
     note: str  # how they were obtained, for the data line the trainer prints
 
 
 def load_or_build(path: Path, sources: dict[Path, dict],
-                  build: Callable[[], dict[str, torch.Tensor]]) -> Cached:
-    """The tensors decoded from ``sources``: read from the cache at ``path`` when it still
-    matches them, else ``build()`` (which checks and decodes the sources, raising UsageError on
-    a bad one) and written to ``path`` for next time."""
+                  build: Callable[[], tuple[torch.Tensor, ...]]) -> Cached:
+    """The tensors decoded from ``sources``, in the order of SPLITS: read from the cache at
+    ``path`` when it still matches them, else ``build()`` (which checks and decodes the sources,
+    raising UsageError on a bad one) and written to ``path`` for next time."""
     key = source_key(sources)
-    tensors, why = read(path, key)
-    if tensors is not None:
-        return Cached(tensors, f"decoded copy read from {path} (files unchanged since their MD5 check)")
-    tensors = build()
+    named, why = read(path, key)
+    if named is not None and set(named) != set(SPLITS):
+        named, why = None, "damaged"
+    if named is not None:
+        return Cached(tuple(named[s] for s in SPLITS),
+                      f"decoded copy read from {path} (files unchanged since their MD5 check)")
+    tensors = tuple(build())
     try:
-        write(path, key, tensors)
+        write(path, key, dict(zip(SPLITS, tensors, strict=True)))
     except OSError as e:  # a read-only data dir: the run goes on, it only decodes again next time
         return Cached(tensors, f"MD5 checked and decoded (not cached: {e.strerror or e})")
     rebuilt = "" if why == "absent" else f", replacing a {why} one"

@@ -101,15 +101,9 @@ def load_cifar(name: str, root: Path, *, download_ok: bool):
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
 
-    def decode() -> dict[str, torch.Tensor]:
-        (train_x, train_y), (test_x, test_y) = read(spec.train), read(spec.test)
-        return {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
-
     sources = {folder / m: {"md5": md5} for m, md5 in members.items()}
-    cached = load_or_build(directory / CACHE_NAME, sources, decode)
-    t = cached.tensors
-    return ((t["train_x"], t["train_y"], t["test_x"], t["test_y"]),
-            f"{name} from {folder}{origin}; {cached.note}")
+    cached = load_or_build(directory / CACHE_NAME, sources, lambda: (*read(spec.train), *read(spec.test)))
+    return cached.tensors, f"{name} from {folder}{origin}; {cached.note}"
 
 
 def _extract(data: bytes, archive: Path, inner: str, members: list[str], folder: Path) -> None:

@@ -85,23 +85,20 @@ def load_idx_dataset(name: str, root: Path, *, download_ok: bool, system_ok: boo
                                    apt_ok=apt_ok)
     md5s, raw = MD5[name], RAW_MD5.get(name, {})
 
-    def decode() -> dict[str, torch.Tensor]:
-        out = {}
-        for split, images_file, labels_file in (("train", TRAIN_IMAGES, TRAIN_LABELS),
-                                                ("test", TEST_IMAGES, TEST_LABELS)):
+    def decode() -> tuple[torch.Tensor, ...]:
+        splits = []
+        for images_file, labels_file in ((TRAIN_IMAGES, TRAIN_LABELS), (TEST_IMAGES, TEST_LABELS)):
             images, labels = (_read(folder / f, md5s[f], raw.get(f), copy, MIRRORS[name][0])
                               for f in (images_file, labels_file))
             if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
                 raise UsageError(f"{folder / images_file} and {folder / labels_file} do not hold matching "
                                  f"images (N, H, W) and labels (N,); replace them")
-            out[f"{split}_x"], out[f"{split}_y"] = images.unsqueeze(1), labels.long()
-        return out
+            splits += [images.unsqueeze(1), labels.long()]
+        return tuple(splits)
 
     sources = {folder / f: {"md5": md5s[f], "raw_md5": raw.get(f)} for f in md5s}
     cached = load_or_build(_cache_dir(name, root) / CACHE_NAME, sources, decode)
-    t = cached.tensors
-    return ((t["train_x"], t["train_y"], t["test_x"], t["test_y"]),
-            f"{name} from {folder}{origin}; {cached.note}")
+    return cached.tensors, f"{name} from {folder}{origin}; {cached.note}"
 
 
 def _read(path: Path, md5: str, raw_md5: str | None, copy: SystemCopy | None, mirror: str) -> torch.Tensor:
