@@ -3,7 +3,7 @@
     python benchmarks/norms.py
 
 1. Read rate (GB/s of gradient read) of a cold 512x512x3x3 gradient: the per-kernel-position
-   sums of squares by hostkernels.column_sq (the fast path) and by vector_norm(dim=(0, 1)), beside one
+   sums of squares by cpu_kernels.column_sq (the fast path) and by vector_norm(dim=(0, 1)), beside one
    whole-tensor norm by _foreach_norm, by BLAS dot and a plain sum().
 2. Relative error against float64 of a float32 norm by vector_norm, _foreach_norm and dot.
 3. The fixed cost of one step: AGD, Adam and SGD on the ResNet-18's 21 tensors shrunk 64x per
@@ -16,7 +16,7 @@ import torch
 
 from step_overhead import make, resnet18_shapes
 from torch_agd import AGD
-from torch_agd import hostkernels
+from torch_agd.optim import cpu_kernels
 
 
 def median_ms(fn, tensors, reps=60):
@@ -33,10 +33,10 @@ def median_ms(fn, tensors, reps=60):
 def read_rates():
     gs = [torch.randn(512, 512, 3, 3) for _ in range(6)]  # 57 MB in all
     k = 9
-    rows = hostkernels.rows_view(gs[0], k)
-    workspace = hostkernels.workspace(torch.float32)
+    rows = cpu_kernels.rows_view(gs[0], k)
+    workspace = cpu_kernels.workspace(torch.float32)
     kernels = {
-        "column_sq (per kernel position)": lambda g: hostkernels.column_sq(g, rows, k, workspace),
+        "column_sq (per kernel position)": lambda g: cpu_kernels.column_sq(g, rows, k, workspace),
         "vector_norm(dim=(0, 1)) (per kernel position)": lambda g: torch.linalg.vector_norm(g, dim=(0, 1)),
         "_foreach_norm (whole tensor)": lambda g: torch._foreach_norm([g]),
         "dot (whole tensor)": lambda g: torch.dot(g.view(-1), g.view(-1)),

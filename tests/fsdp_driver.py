@@ -30,7 +30,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import torch_agd.optim as optim_module
+import torch_agd.optim.functional as optim_module
 from torch_agd import AGD, init_weights_
 
 STEPS = 15

@@ -16,7 +16,7 @@ from torch_agd.cli import main
 from torch_agd.data import DATASETS
 from torch_agd.data.text import CONTEXT, TextSplit, load_text, stdlib_files
 from torch_agd.models import build_model
-from torch_agd.rules import module_param_groups
+from torch_agd.optim.rules import module_param_groups
 from torch_agd.train.optimizers import AGDWithAdamW
 
 pytestmark = pytest.mark.usefixtures("one_thread")

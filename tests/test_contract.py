@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.optim import lr_scheduler
 
-from agd_reference import reference_step
+from torch_agd.optim.reference import reference_step
 from torch_agd import AGD, UsageError, init_weights_
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from agd_reference import s_of, submatrices
+from torch_agd.optim.reference import s_of, submatrices
 from torch_agd import UsageError, init_weights_
 
 LAYERS = [nn.Linear(7, 19, bias=False), nn.Linear(19, 7, bias=False), nn.Linear(16, 16, bias=False),

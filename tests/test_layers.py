@@ -15,23 +15,23 @@ PACKAGE = Path(__file__).resolve().parents[1] / "torch_agd"
 # part of the same layer is a sibling it must not import (AGD knows nothing of models or data).
 LAYERS = (
     ("base",),                     # errors.py, atomic.py: the standard library only
-    ("optim", "data", "models"),   # the library: AGD (optim, rules, layout, hostkernels, shard, init), datasets, networks
+    ("optim", "data", "models"),   # the library: the AGD package (torch_agd/optim/), datasets, networks
     ("train",),                    # agd train: uses the library
     ("experiments",),              # sweeps, figures, results page: use the trainer, never the reverse
     ("cli",),                      # agd train | sweep | plot
 )
 RANK = {part: rank for rank, parts in enumerate(LAYERS) for part in parts}
-# Top-level modules outside the optimizer's own; every other torch_agd/*.py is part of it.
+# The top-level modules; a new loose torch_agd/*.py belongs to no layer until it is named here.
 TOP_LEVEL = {"errors": "base", "atomic": "base", "cli": "cli", "__main__": "cli"}
 ROOT = "torch_agd"  # its __init__ only re-exports; an import of a name from it is one of the module that defines it
 
 
 def part_of(module: str, root: Path = PACKAGE) -> str:
-    """'torch_agd.train.run' -> 'train'; 'torch_agd.layout' -> 'optim'; 'torch_agd.errors' -> 'base'."""
+    """'torch_agd.train.run' -> 'train'; 'torch_agd.optim.rules' -> 'optim'; 'torch_agd.errors' -> 'base'."""
     first = module.split(".")[1]
     if (root / first).is_dir():
         return first
-    return TOP_LEVEL.get(first, "optim")
+    return TOP_LEVEL.get(first, f"unlayered top-level module {first}")
 
 
 def _module_name(root: Path, path: Path) -> str:
@@ -135,7 +135,7 @@ def test_the_checks_find_an_upward_import_a_sibling_import_and_a_cycle(tmp_path)
     files = {
         "__init__.py": "from .optim import AGD\n__version__ = '0'\n",
         "errors.py": "",
-        "optim.py": "from . import errors\n",
+        "optim/__init__.py": "from .. import errors\n",
         "data/__init__.py": "from .. import __version__\nfrom torch_agd import AGD\n",
         "train/__init__.py": "",
         "train/config.py": "def f():\n    from torch_agd.experiments import runs\n",
@@ -157,3 +157,21 @@ def test_the_checks_find_an_upward_import_a_sibling_import_and_a_cycle(tmp_path)
         ("torch_agd.experiments.plot", "torch_agd.experiments.results", "torch_agd.experiments.plot"),
         ("torch_agd.experiments.runs", "torch_agd.train.config", "torch_agd.experiments.runs"),
     ]
+
+
+def test_the_optimizer_package_needs_only_itself_torch_and_the_errors():
+    graph = import_graph()
+    optim = {m: targets for m, targets in graph.items() if m != ROOT and part_of(m) == "optim"}
+    assert "torch_agd.optim.optimizer" in optim and "torch_agd.optim.rules" in optim and len(optim) >= 10
+    outside = {t for targets in optim.values() for t in targets if part_of(t) != "optim"}
+    assert outside == {"torch_agd.errors"}
+
+
+def test_a_loose_top_level_module_belongs_to_no_layer(tmp_path):
+    root = tmp_path / ROOT
+    (root / "optim").mkdir(parents=True)
+    for name in ("__init__.py", "errors.py", "stray.py", "optim/__init__.py"):
+        (root / name).write_text("")
+    parts = {m: part_of(m, root) for m in import_graph(root) if m != ROOT}
+    assert parts["torch_agd.optim"] == "optim" and parts["torch_agd.errors"] == "base"
+    assert parts["torch_agd.stray"] not in RANK

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from agd_reference import reference_momentum_steps, s_of, submatrices
+from torch_agd.optim.reference import reference_momentum_steps, s_of, submatrices
 from torch_agd import AGD, init_weights_
 
 FOREACH = [pytest.param(True, id="foreach"), pytest.param(False, id="loop")]

@@ -12,7 +12,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from agd_reference import reference_step, s_of, submatrices
+from torch_agd.optim.reference import reference_step, s_of, submatrices
 from torch_agd import AGD, UsageError, init_weights_
 
 VECTORS = json.loads((Path(__file__).parent / "data" / "agd_steps.json").read_text())["cases"]

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from agd_reference import (attention_blocks, norm_blocks, reference_blocks_step, row_blocks,
+from torch_agd.optim.reference import (attention_blocks, norm_blocks, reference_blocks_step, row_blocks,
                            weight_blocks)
 from torch_agd import AGD, UsageError, init_weights_
-from torch_agd.rules import module_param_groups
+from torch_agd.optim.rules import module_param_groups
 
 FOREACH = [pytest.param(True, id="foreach"), pytest.param(False, id="loop")]
 

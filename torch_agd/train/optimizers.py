@@ -101,10 +101,10 @@ class AGDWithAdamW:
 
     def __init__(self, model: nn.Module, gain: float = 1.0):
         from torch_agd import AGD
-        from torch_agd.rules import module_param_groups
+        from torch_agd.optim.rules import group_rule, module_param_groups
 
         groups = module_param_groups(model)
-        matrices = [g for g in groups if g["kind"] in ("weight", "attention")]
+        matrices = [g for g in groups if group_rule(g).matrix]
         taken = {id(p) for g in matrices for _, p in g["params"]}
         self.agd = AGD(matrices, gain=gain, depth="weights")
         rest = [p for p in model.parameters() if id(p) not in taken]

@@ -8,7 +8,7 @@ Two problems, both of conv weights (one norm and one factor per kernel position)
 - Broadcasting a (1, 1, k1, k2) factor over a weight has the same short inner loop; a `RowsView`
   of the weight, times the K factors repeated along a row, does the same arithmetic with a
   long inner loop.
-GPU kernels and torch.compile have no such trouble, so none of this runs there (layout.py).
+GPU kernels and torch.compile have no such trouble, so none of this runs there (foreach_plan.py).
 """
 from __future__ import annotations
 

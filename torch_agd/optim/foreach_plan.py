@@ -1,11 +1,11 @@
 """Where every block's norm and factor lives: the fast path's plan, worked out once per layout.
 
-All block norms of a step live in one flat vector (blocks of rules.py, numbered tensor by tensor;
+All block norms of a step live in one flat vector (blocks of blocks.py, numbered tensor by tensor;
 a joined bias shares its layer's numbers). Each tensor adds the sums of squares of its local
 rows into one contiguous range of that vector, so sharded tensors (FSDP2) contribute partial
 sums that one all-reduce completes, and a bias adds into its layer's range. After the step has
 turned the vector into one factor per block, each tensor reads its factors back as a view that
-broadcasts over it. Four ways a tensor meets its blocks:
+broadcasts over it. Four patterns in which a tensor holds its blocks (TensorPlan.pattern):
 
     single    one block (a linear weight)              one norm; a 0-d factor
     kernel    one block per kernel position (a conv)   norms over (d_out, d_in); (1, 1, k...)
@@ -15,7 +15,7 @@ broadcasts over it. Four ways a tensor meets its blocks:
               attention, a joined bias)                gathers its run's factor
 
 This module is device-generic; the host-only kernels (long inner loops on the CPU) are in
-hostkernels.py and used only where ``host`` is true.
+cpu_kernels.py and used only where ``host`` is true.
 """
 from __future__ import annotations
 
@@ -25,37 +25,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from . import hostkernels
-from .rules import Blocks
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One tensor of the step as the plan sees it: its blocks, where they start in the flat
-    vector, and which rows of it this process holds (all of them unless sharded)."""
-    blocks: Blocks
-    base: int
-    r0: int            # first (flattened) row held here
-    n: int             # rows held here
-    contributes: bool  # False for a replica whose copy another process counts
+from . import cpu_kernels
+from .blocks import Blocks, Placement
 
 
 @dataclass
 class TensorPlan:
-    way: str                      # single | kernel | rows | grouped
+    pattern: str                  # how its blocks lie in it: single | kernel | rows | grouped
     start: int                    # its range of the flat vector
     length: int
     factor_shape: tuple
     k: int
     inner: int
-    spread: bool
+    in_every_kernel_position: bool
     contributes: bool
     row_ids: Tensor | None = None  # grouped: row block of each local row
     # Host conv tensors: rows views for the norms of the gradient and of the update direction
     # (they differ only with momentum), and for the update itself (weight and direction alike).
-    rv_g: hostkernels.RowsView | None = None
-    rv_d: hostkernels.RowsView | None = None
-    rv_update: hostkernels.RowsView | None = None
+    rows_view_grad: cpu_kernels.RowsView | None = None
+    rows_view_dir: cpu_kernels.RowsView | None = None
+    rows_view_update: cpu_kernels.RowsView | None = None
     dot: bool = False             # host single: norm by BLAS dot
 
 
@@ -70,8 +59,8 @@ class Plan:
     workspace: Tensor | None = None
 
 
-def _way(b: Blocks) -> str:
-    if b.spread:  # a conv's bias: its one norm joins each of the layer's k blocks
+def _pattern(b: Blocks) -> str:
+    if b.in_every_kernel_position:  # a conv's bias: its one norm joins each of the layer's k blocks
         return "grouped"
     if b.row_blocks == 1:
         return "single" if b.k == 1 else "kernel"
@@ -80,13 +69,13 @@ def _way(b: Blocks) -> str:
     return "grouped"
 
 
-def _factor_shape(local_shape: tuple, b: Blocks, way: str) -> tuple:
-    if way == "single":
+def _factor_shape(local_shape: tuple, b: Blocks, pattern: str) -> tuple:
+    if pattern == "single":
         return ()
-    if way == "rows":  # one factor per row: the lead dims, then ones
-        return tuple(local_shape[:b.lead]) + (1,) * (len(local_shape) - b.lead)
-    kernel = tuple(local_shape[2:]) if b.kind in ("weight", "weight_t") else ()
-    if way == "kernel":
+    if pattern == "rows":  # one factor per row: the row dims, then ones
+        return tuple(local_shape[:b.row_dims]) + (1,) * (len(local_shape) - b.row_dims)
+    kernel = tuple(local_shape[len(local_shape) - b.kernel_dims:]) if b.kernel_dims else ()
+    if pattern == "kernel":
         return (1, 1, *kernel)
     return (local_shape[0], *(1,) * (len(local_shape) - 1 - len(kernel)), *kernel)
 
@@ -97,7 +86,7 @@ def signature(entries, ws, gs, ds) -> tuple:
                  for e, w, g, d in zip(entries, ws, gs, ds))
 
 
-def build(entries: list[Entry], ws, gs, ds, acc: torch.dtype, main: torch.device, host: bool) -> Plan:
+def build(entries: list[Placement], ws, gs, ds, acc: torch.dtype, main: torch.device, host: bool) -> Plan:
     """The plan for weights ``ws`` with gradients ``gs`` (normed for G) and update directions
     ``ds`` (normed for the factors, and applied; ``ds`` is ``gs`` without momentum).
     ``host``: CPU tensors outside torch.compile, which get row views and one-read norms; elsewhere
@@ -107,23 +96,23 @@ def build(entries: list[Entry], ws, gs, ds, acc: torch.dtype, main: torch.device
     tensors, ranges = [], []
     scales = torch.zeros(n, dtype=torch.float64)
     for e, w, g, d in zip(entries, ws, gs, ds):
-        b, way = e.blocks, _way(e.blocks)
+        b, pattern = e.blocks, _pattern(e.blocks)
         scales[e.base:e.base + b.count] = b.scale
-        if way == "rows":
+        if pattern == "rows":
             start, length = e.base + e.r0, e.n
         else:
-            start, length = e.base, (b.count if way == "grouped" else b.k)
-        t = TensorPlan(way, start, length, _factor_shape(tuple(w.shape), b, way), b.k, b.inner, b.spread,
+            start, length = e.base, (b.count if pattern == "grouped" else b.k)
+        t = TensorPlan(pattern, start, length, _factor_shape(tuple(w.shape), b, pattern), b.k, b.inner, b.in_every_kernel_position,
                        e.contributes)
-        if way == "grouped":
+        if pattern == "grouped":
             t.row_ids = ((torch.arange(e.n) + e.r0) // b.rows_per_block).to(w.device)
         on_host = host and w.device.type == "cpu"
-        if on_host and way == "kernel":
-            t.rv_g, t.rv_d = (rv if hostkernels.fits(rv := hostkernels.rows_view(x, b.k), _acc(x.dtype)) else None
+        if on_host and pattern == "kernel":
+            t.rows_view_grad, t.rows_view_dir = (rv if cpu_kernels.fits(rv := cpu_kernels.rows_view(x, b.k), _acc(x.dtype)) else None
                               for x in (g, d))
-            rv_w = hostkernels.rows_view(w, b.k)
-            t.rv_update = rv_w if rv_w is not None and rv_w == hostkernels.rows_view(d, b.k) else None
-        t.dot = on_host and way == "single" and g.is_contiguous() and d.is_contiguous() and g.dtype == _acc(g.dtype)
+            rv_w = cpu_kernels.rows_view(w, b.k)
+            t.rows_view_update = rv_w if rv_w is not None and rv_w == cpu_kernels.rows_view(d, b.k) else None
+        t.dot = on_host and pattern == "single" and g.is_contiguous() and d.is_contiguous() and g.dtype == _acc(g.dtype)
         tensors.append(t)
         if t.contributes and t.length:
             ranges.append((t.start, t.length))
@@ -137,13 +126,13 @@ def build(entries: list[Entry], ws, gs, ds, acc: torch.dtype, main: torch.device
         gather = []
         for i in idx:
             t, w, b = tensors[i], ws[i], entries[i].blocks
-            if t.rv_update is not None:
-                rv = t.rv_update
+            if t.rows_view_update is not None:
+                rv = t.rows_view_update
                 gather.append([t.start + rv.position(j, b.k, w.shape[1]) for j in range(rv.cols)])
         if gather:
             plan.expand[bi] = torch.tensor(list(itertools.chain(*gather)), dtype=torch.int64).to(device)
-    if any(t.rv_g is not None or t.rv_d is not None for t in tensors):
-        plan.workspace = hostkernels.workspace(acc)
+    if any(t.rows_view_grad is not None or t.rows_view_dir is not None for t in tensors):
+        plan.workspace = cpu_kernels.workspace(acc)
     return plan
 
 
@@ -159,11 +148,11 @@ def sq_contributions(plan: Plan, xs: list[Tensor], acc: torch.dtype, main: torch
     parts: list[Tensor | None] = [None] * len(xs)
     for device, dtype, idx in plan.buckets:
         bucket_acc = _acc(dtype)
-        single = [i for i in idx if plan.tensors[i].way == "single" and plan.tensors[i].contributes]
+        single = [i for i in idx if plan.tensors[i].pattern == "single" and plan.tensors[i].contributes]
         dots = [i for i in single if plan.tensors[i].dot and xs[i].is_contiguous()]
         rest = [i for i in single if i not in dots]
         if dots:
-            parts_dot = hostkernels.dot_sq([xs[i] for i in dots])
+            parts_dot = cpu_kernels.dot_sq([xs[i] for i in dots])
             for i, v in zip(dots, parts_dot.unbind()):
                 parts[i] = v.view(1)
         if rest:
@@ -171,20 +160,20 @@ def sq_contributions(plan: Plan, xs: list[Tensor], acc: torch.dtype, main: torch
                 parts[i] = v.square().view(1)
         for i in idx:
             t, x = plan.tensors[i], xs[i]
-            if not t.contributes or t.way == "single":
+            if not t.contributes or t.pattern == "single":
                 continue
-            if t.way == "kernel":
-                rv = t.rv_d if direction else t.rv_g
-                if rv is not None and rv == hostkernels.rows_view(x, t.k):
-                    parts[i] = hostkernels.column_sq(x, rv, t.k, plan.workspace)
+            if t.pattern == "kernel":
+                rv = t.rows_view_dir if direction else t.rows_view_grad
+                if rv is not None and rv == cpu_kernels.rows_view(x, t.k):
+                    parts[i] = cpu_kernels.column_sq(x, rv, t.k, plan.workspace)
                 else:
                     parts[i] = torch.linalg.vector_norm(x, dim=(0, 1), dtype=bucket_acc).square().reshape(-1)
-            elif t.way == "rows":
+            elif t.pattern == "rows":
                 if t.length:
                     parts[i] = torch.linalg.vector_norm(x.reshape(t.length, t.inner), dim=1,
                                                         dtype=bucket_acc).square()
             else:  # grouped: per-row sums, then per run of rows
-                k_own = 1 if t.spread else t.k
+                k_own = 1 if t.in_every_kernel_position else t.k
                 per_row = torch.linalg.vector_norm(x.reshape(len(t.row_ids), t.inner, k_own), dim=1,
                                                    dtype=bucket_acc).square()
                 blocks = torch.zeros(t.length // t.k, k_own, dtype=bucket_acc, device=device)
@@ -205,17 +194,17 @@ def factors(plan: Plan, f: Tensor, bucket: int, idx: list[int]) -> list[Tensor]:
     out = []
     gathered = plan.expand.get(bucket)
     if gathered is not None:
-        lengths = [plan.tensors[i].rv_update.cols for i in idx if plan.tensors[i].rv_update is not None]
+        lengths = [plan.tensors[i].rows_view_update.cols for i in idx if plan.tensors[i].rows_view_update is not None]
         viewed = iter(f.to(gathered.device).index_select(0, gathered).split(lengths))
     for i in idx:
         t = plan.tensors[i]
-        if t.rv_update is not None:
+        if t.rows_view_update is not None:
             out.append(next(viewed))
             continue
         piece = f[t.start:t.start + t.length]
-        if t.way == "grouped":
+        if t.pattern == "grouped":
             piece = piece.view(-1, t.k).index_select(0, t.row_ids.to(f.device))
-            if t.spread:  # the constant input's column sits in every one of the k blocks
+            if t.in_every_kernel_position:  # the constant input's column sits in every one of the k blocks
                 piece = piece.sum(1)
         out.append(piece.reshape(t.factor_shape))
     return out

@@ -2,7 +2,7 @@
 
 AGD needs the norm of every whole block. Under `fully_shard` each process holds a slice of rows
 (dim 0) of every parameter and of its gradient, so each adds the sums of squares of its own rows
-into the flat vector of blocks (layout.py) and one all-reduce of that vector completes every
+into the flat vector of blocks (foreach_plan.py) and one all-reduce of that vector completes every
 norm: nothing else travels, and no parameter or gradient is ever gathered. A tensor replicated
 over a mesh dimension is counted by the process at coordinate 0 of that dimension only, so that
 the sum counts every entry once; G, and so eta, then come out the same on every process.
@@ -14,7 +14,7 @@ import sys
 
 from torch import Tensor
 
-from .errors import UsageError
+from ..errors import UsageError
 
 
 def is_sharded(t: Tensor) -> bool:
@@ -25,9 +25,9 @@ def is_sharded(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
-def local(p: Tensor, grad: Tensor, name: str, lead: int):
+def local(p: Tensor, grad: Tensor, name: str, row_dims: int):
     """(local weight, local gradient, first row held, rows held, whether this process counts the
-    tensor, the mesh) for a DTensor parameter; rows are the parameter's ``lead`` leading dims,
+    tensor, the mesh) for a DTensor parameter; rows are the parameter's first ``row_dims`` dims,
     flattened."""
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
@@ -44,9 +44,9 @@ def local(p: Tensor, grad: Tensor, name: str, lead: int):
             raise UsageError(f"AGD steps parameters sharded on dim 0 (FSDP2's default); {name} is placed as "
                              f"{placements}: use fully_shard without a shard_placement_fn for it")
     shape, offset = compute_local_shape_and_global_offset(p.shape, mesh, placements)
-    if lead == 0:  # a 0-d parameter cannot be sharded; it is one row
+    if row_dims == 0:  # a 0-d parameter cannot be sharded; it is one row
         return p.to_local(), grad.to_local(), 0, 1, contributes, mesh
-    per_dim0 = math.prod(p.shape[1:lead])
+    per_dim0 = math.prod(p.shape[1:row_dims])
     r0 = offset[0] * per_dim0 if shape[0] else 0
     return p.to_local(), grad.to_local(), r0, shape[0] * per_dim0, contributes, mesh
 
