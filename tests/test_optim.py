@@ -28,7 +28,8 @@ def test_shared_vectors(case, foreach):
     opt = AGD(ws, gain=case["gain"], depth=case["depth"], foreach=foreach)
     opt.step()
     assert opt.eta.item() == pytest.approx(case["eta"], rel=1e-12)
-    for w, e in zip(ws, case["expected"]):
+    assert len(ws) == len(case["expected"]) >= 1
+    for w, e in zip(ws, case["expected"], strict=True):
         torch.testing.assert_close(w.detach(), torch.tensor(e, dtype=torch.float64), rtol=1e-12, atol=1e-12)
 
 
