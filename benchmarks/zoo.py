@@ -1,0 +1,312 @@
+"""The zoo: does AGD(model) take every model of timm and transformers, with no override, and train it?
+
+    PYTHONPATH=. python benchmarks/zoo.py [--only REGEX] [--steps N] [--no-momentum] [--real]
+                                          [--out docs/zoo.md] [--json runs/zoo.json]
+
+For every model of benchmarks/zoo_models.py (random init, no weights downloaded): init_weights_ +
+AGD(model) at its defaults, N steps on one fixed batch of 8; AGD with momentum=0.9 the same; AdamW
+(lr 1e-3, weight decay 0.01) on the model's own init beside them. A torch_agd.UsageError from
+init_weights_ or AGD(...) is a refusal (its one-line message is the reason); any other exception
+is a crash (type and message). Results are cached per model in the JSON, so `--only REGEX`
+refreshes some rows and the page is rewritten from every cached row. --real adds a short run on
+real data (Fashion-MNIST for a few image models, the stdlib's text for the causal LMs).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import re
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/ is not a package
+import zoo_models  # noqa: E402
+
+from torch_agd import AGD, UsageError, init_weights_  # noqa: E402
+from torch_agd.atomic import atomic_write_text  # noqa: E402
+from torch_agd.optim.rules import module_param_groups  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+ADAMW = dict(lr=1e-3, weight_decay=0.01)
+MOMENTUM = 0.9
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def train(model, batch, loss_fn, opt, steps: int) -> tuple[list[float], float]:
+    """`steps` steps on one batch: (the loss before each step, the loss after the last)."""
+    model.train()
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = loss_fn(model, batch).item()
+    return losses, final
+
+
+def kinds_of(model) -> dict[str, int]:
+    return dict(Counter({g["kind"]: len(g["params"]) for g in module_param_groups(model)}))
+
+
+def run_entry(entry, steps: int, momentum: bool) -> dict:
+    """One row of the zoo: never raises (a crash is recorded)."""
+    row = {"name": entry.name, "library": entry.library, "steps": steps, "status": "crashed"}
+    start = time.perf_counter()
+    try:
+        torch.manual_seed(0)
+        model, batch, loss_fn = entry.build()
+        row["params"] = sum(p.numel() for p in model.parameters())
+        own = copy.deepcopy(model)  # the model's own init, for AdamW
+        twin = copy.deepcopy(model) if momentum else None
+        try:
+            row["kinds"] = kinds_of(model)
+            init_weights_(model, generator=torch.Generator().manual_seed(0))
+            opt = AGD(model)
+        except UsageError as e:
+            row.update(status="refused", reason=one_line(e))
+            return row
+        row["status"] = "accepted"
+        row["depth"] = opt.depth
+        t = time.perf_counter()
+        losses, final = train(model, batch, loss_fn, opt, steps)
+        row["agd"] = {"initial": losses[0], "final": final, "losses": losses,
+                      "seconds": time.perf_counter() - t}
+        if twin is not None:
+            init_weights_(twin, generator=torch.Generator().manual_seed(0))
+            losses, final = train(twin, batch, loss_fn, AGD(twin, momentum=MOMENTUM), steps)
+            row["agd_momentum"] = {"initial": losses[0], "final": final, "losses": losses}
+        t = time.perf_counter()
+        losses, final = train(own, batch, loss_fn, torch.optim.AdamW(own.parameters(), **ADAMW), steps)
+        row["adamw"] = {"initial": losses[0], "final": final, "losses": losses,
+                        "seconds": time.perf_counter() - t}
+        agd = row["agd"]
+        row["finite"] = all(math.isfinite(v) for v in agd["losses"] + [agd["final"]])
+        row["falling"] = row["finite"] and agd["final"] < agd["initial"]
+    except Exception as e:  # a crash is a row of the zoo, not the end of the run
+        row.update(status="crashed", reason=f"{type(e).__name__}: {one_line(e)}")
+    finally:
+        row["seconds"] = time.perf_counter() - start
+    return row
+
+
+# ---------------------------------------------------------------- real data
+
+def real_rows(entries, steps: int, data_dir: str | None) -> dict[str, dict]:
+    """AGD and AdamW for `steps` steps of batch 32 on real data; loss on held-out data."""
+    out = {}
+    fashion = None
+    for entry in entries:
+        if entry.real is None:
+            continue
+        row = {"data": entry.real}
+        try:
+            if entry.real == "fashion-mnist":
+                if fashion is None:
+                    fashion = _fashion(data_dir)
+                build, batches, held_out, loss_fn = _fashion_task(entry, fashion)
+            else:
+                build, batches, held_out, loss_fn = _text_task(entry)
+            for label, make_opt, agd_init in (("agd", AGD, True),
+                                              ("adamw", lambda m: torch.optim.AdamW(m.parameters(), **ADAMW), False)):
+                torch.manual_seed(0)
+                model = build()
+                if agd_init:
+                    init_weights_(model, generator=torch.Generator().manual_seed(0))
+                opt = make_opt(model)
+                model.train()
+                for batch in batches[:steps]:
+                    opt.zero_grad(set_to_none=True)
+                    loss_fn(model, batch).backward()
+                    opt.step()
+                model.eval()
+                with torch.no_grad():
+                    row[label] = loss_fn(model, held_out).item()
+        except UsageError as e:
+            row["skipped"] = one_line(e)
+        except Exception as e:
+            row["skipped"] = f"{type(e).__name__}: {one_line(e)}"
+        out[entry.name] = row
+        print(f"  real {entry.name}: {row}", flush=True)
+    return out
+
+
+def _fashion(data_dir):
+    from torch_agd.data import load_data
+
+    # download=False: the zoo never fetches anything; a missing copy skips the column
+    return load_data("fashion-mnist", data_dir, "cpu", download=False)
+
+
+def _fashion_task(entry, data):
+    import timm
+    import torch.nn.functional as F
+
+    def batches_of(split, n, count, seed):
+        it = split.batches(n, epoch=0, seed=seed)
+        return [{"x": F.interpolate(x, size=32), "y": y} for x, y in (next(it) for _ in range(count))]
+
+    train = batches_of(data.train, 32, 200, seed=0)
+    x, y = next(data.test.batches(512, epoch=0, seed=0))
+    held_out = {"x": F.interpolate(x, size=32), "y": y}
+    # one channel at 32 x 32; a ViT gets 4 x 4 patches (8 x 8 of them)
+    extra = dict(img_size=32, patch_size=4) if "vit" in entry.name else {}
+    build = lambda: timm.create_model(entry.name, pretrained=False, num_classes=10, in_chans=1, **extra)
+    return build, train, held_out, zoo_models.classify
+
+
+def _text_task(entry):
+    from torch_agd.data import load_data
+
+    data = load_data("stdlib")
+    context = 64
+
+    def windows(split, count, seed):
+        tokens = split.tokens
+        g = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, len(tokens) - context, (count,), generator=g)
+        return torch.stack([tokens[s:s + context] for s in starts.tolist()]).long()
+
+    train = [{"input_ids": windows(data.train, 32, seed)} for seed in range(200)]
+    held_out = {"input_ids": windows(data.test, 128, 10_000)}
+    model, _, loss_fn = entry.build()
+    return lambda: copy.deepcopy(model), train, held_out, loss_fn
+
+
+# ---------------------------------------------------------------- the page
+
+def fmt(v, digits=3):
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def table(rows: list[dict], momentum: bool, real: dict) -> list[str]:
+    head = ["model", "status", "L", "tensors per kind", "AGD initial", "AGD final"]
+    if momentum:
+        head.append("AGD m=0.9 final")
+    head += ["AdamW initial", "AdamW final", "finite", "falling", "s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        kinds = ", ".join(f"{k} {n}" for k, n in r.get("kinds", {}).items())
+        if r["status"] != "accepted":
+            cells = [r["name"], f"**{r['status']}**: {r.get('reason', '')}".replace("|", "\\|"), "", kinds]
+            cells += [""] * (len(head) - len(cells) - 1) + [fmt(r.get("seconds"), 1)]
+        else:
+            a, w = r["agd"], r["adamw"]
+            cells = [r["name"], "accepted", str(r["depth"]), kinds, fmt(a["initial"]), fmt(a["final"])]
+            if momentum:
+                cells.append(fmt(r.get("agd_momentum", {}).get("final")))
+            cells += [fmt(w["initial"]), fmt(w["final"]), "yes" if r["finite"] else "**no**",
+                      "yes" if r["falling"] else "**no**", fmt(r["seconds"], 1)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(rows: list[dict]) -> str:
+    n = Counter(r["status"] for r in rows)
+    acc = [r for r in rows if r["status"] == "accepted"]
+    return (f"{len(rows)} models: {n['accepted']} accepted with no override, {n['refused']} refused, "
+            f"{n['crashed']} crashed; of the accepted, {sum(r['finite'] for r in acc)} finite and "
+            f"{sum(r['falling'] for r in acc)} with the loss falling over the run.")
+
+
+def page(rows: list[dict], args, real: dict, command: str) -> str:
+    import importlib.metadata as md
+
+    def version(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    momentum = any("agd_momentum" in r for r in rows)
+    steps = sorted({r["steps"] for r in rows})
+    out = ["# The model zoo", "",
+           f"Generated by `{command}` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC "
+           f"(torch {torch.__version__}, timm {version('timm')}, transformers {version('transformers')}, "
+           f"Python {platform.python_version()}, CPU, one thread).", "",
+           f"**{summary(rows)}**", "",
+           f"Every model is built from code with random weights (timm `pretrained=False`, transformers "
+           f"from a config shrunk to width 64, 2 layers, 4 heads, a 256-token vocabulary; no dropout). "
+           f"AGD: `init_weights_(model)` then `AGD(model)` with no override, {'/'.join(map(str, steps))} "
+           f"steps on one fixed batch of {zoo_models.BATCH} (images {zoo_models.IMAGE} x {zoo_models.IMAGE} "
+           f"unless the model's own size is smaller; token sequences of {zoo_models.SEQ}). AdamW (lr 1e-3, "
+           f"weight decay 0.01) starts from the model's own initialisation, so the initial losses differ. "
+           f"*initial*: the loss before the first step; *final*: after the last. *L*: `opt.depth`. "
+           f"*tensors per kind*: parameter tensors per AGD rule (`module_param_groups`). "
+           f"*falling*: AGD's final loss below its initial one. *s*: seconds for the whole row (every optimizer).",
+           "", "Refused: `init_weights_` or `AGD(model)` raised `torch_agd.UsageError` (the reason is its "
+           "message). Crashed: any other exception (type and message).", ""]
+    for library in ("timm", "transformers"):
+        lib_rows = [r for r in rows if r["library"] == library]
+        if lib_rows:
+            out += [f"## {library}", "", summary(lib_rows), ""] + table(lib_rows, momentum, real) + [""]
+    if real:
+        out += ["## Real data (--real)", "",
+                "A short run on real data: 50 steps of batch 32, then the loss on held-out data (Fashion-MNIST: "
+                "512 test images, one channel at 32 x 32; the stdlib text: 128 validation windows of 64 bytes). "
+                "AGD at its defaults after `init_weights_`; AdamW as above.", "",
+                "| model | data | AGD held-out loss | AdamW held-out loss |", "|---|---|---|---|"]
+        for name, r in real.items():
+            if "skipped" in r:
+                out.append(f"| {name} | {r['data']} | skipped: {r['skipped']} | |")
+            else:
+                out.append(f"| {name} | {r['data']} | {fmt(r.get('agd'))} | {fmt(r.get('adamw'))} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", help="run only the models whose name matches this regex (others keep their cached rows)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--no-momentum", action="store_true", help="skip the AGD momentum=0.9 column")
+    p.add_argument("--real", action="store_true", help="also train on real data (Fashion-MNIST, the stdlib text)")
+    p.add_argument("--real-steps", type=int, default=50)
+    p.add_argument("--data-dir", help="where fashion-mnist/ is (default: torch_agd's data dir or Debian's copy)")
+    p.add_argument("--out", default=str(ROOT / "docs" / "zoo.md"))
+    p.add_argument("--json", default=str(ROOT / "runs" / "zoo.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)  # the machine is shared: one core
+
+    entries = zoo_models.all_entries()
+    chosen = [e for e in entries if not args.only or re.search(args.only, e.name)]
+    cache_path = Path(args.json)
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {"rows": {}, "real": {}}
+    for i, entry in enumerate(chosen):
+        row = run_entry(entry, args.steps, not args.no_momentum)
+        cache["rows"][entry.name] = row
+        brief = {k: row.get(k) for k in ("status", "reason", "depth", "finite", "falling")}
+        if "agd" in row:
+            brief["agd"] = f"{row['agd']['initial']:.3f}->{row['agd']['final']:.3f}"
+            brief["adamw"] = f"{row['adamw']['initial']:.3f}->{row['adamw']['final']:.3f}"
+        print(f"[{i + 1}/{len(chosen)}] {entry.name} {row['seconds']:.1f}s {brief}", flush=True)
+        atomic_write_text(cache_path, json.dumps(cache, indent=1))  # every row survives a killed run
+    if args.real:
+        cache["real"].update(real_rows(chosen, args.real_steps, args.data_dir))
+        atomic_write_text(cache_path, json.dumps(cache, indent=1))
+
+    names = [e.name for e in entries]  # page order is the zoo's order; rows of removed models drop out
+    rows = [cache["rows"][n] for n in names if n in cache["rows"]]
+    real = {n: cache["real"][n] for n in names if n in cache.get("real", {})}
+    command = "PYTHONPATH=. python benchmarks/zoo.py" + "".join(f" {a}" for a in (argv or sys.argv[1:]))
+    atomic_write_text(args.out, page(rows, args, real, command))
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
