@@ -37,7 +37,7 @@ def trainer_config(argv, agd_L: int | None = None) -> dict:
     add_arguments(parser)
     config, _ = resolve_config(parser.parse_args(list(argv)))
     extra = {} if agd_L is None else {"agd_L": agd_L}
-    return {**config, **extra, "version": "0.1.0", "git_commit": "0123abc"}
+    return {**config.flag_values(), **extra, "version": "0.1.0", "git_commit": "0123abc"}
 
 
 def write_run(run_dir: Path, config: dict, epochs: int, acc: float, *, finished=True, eta=True):

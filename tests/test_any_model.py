@@ -173,7 +173,7 @@ def test_agd_depth_defaults_to_the_papers_count_on_the_papers_networks(fake_fash
 
     def config_of(*argv):
         parser, _ = build_parser("train")
-        return resolve_config(parser.parse_args(["train", *argv]))[0]
+        return resolve_config(parser.parse_args(["train", *argv]))[0].flag_values()
 
     assert config_of("--arch", "resnet18")["agd_depth"] == "weights"
     assert config_of("--arch", "tv-resnet18")["agd_depth"] == "auto"

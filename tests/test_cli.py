@@ -37,9 +37,10 @@ def test_published_flags_and_defaults():
     config, resuming = run_module.resolve_config(args)
     published = dict(arch="fcn", dataset="cifar10", loss="mse", train_bs=128, test_bs=128, epochs=200,
                      depth=10, width=256, gain=1.0, distribute=False, cpu=False)
-    assert {k: config[k] for k in published} == published and not resuming
-    assert config["optimizer"] == "agd" and config["lr"] is None
-    assert run_module.resolve_config(_parse("--optimizer", "sgd"))[0]["lr"] == 0.1
+    assert {k: getattr(config, k) for k in published} == published and not resuming
+    assert config.optimizer == "agd" and config.lr is None and config.nesterov and config.agd_depth == "weights"
+    assert run_module.resolve_config(_parse("--optimizer", "sgd"))[0].lr == 0.1
+    assert not run_module.resolve_config(_parse("--momentum", "0.9", "--momentum-form", "heavy-ball"))[0].nesterov
 
 
 def test_help_documents_every_flag(capsys):

@@ -121,14 +121,26 @@ def test_depthwise_conv_blocks_are_per_channel_with_the_layers_scale():
     torch.testing.assert_close(moved, torch.full_like(moved, opt.eta.item() / 3), rtol=1e-5, atol=0)
 
 
-def test_tied_embedding_and_head_is_one_embedding():
+def test_tied_embedding_and_head_is_one_tied_table_with_the_heads_scale():
     emb = nn.Embedding(11, 4)
     head = nn.Linear(4, 11, bias=False)
     head.weight = emb.weight
     model = nn.ModuleDict(dict(emb=emb, head=head))
     groups = module_param_groups(model)
-    assert [(g["kind"], len(g["params"])) for g in groups] == [("embedding", 1)]
+    assert [(g["kind"], len(g["params"])) for g in groups] == [("tied", 1)]
     assert AGD(model).depth == 1
+    init_weights_(model)
+    # rows of norm 1 (the head's), not sqrt(d) (an embedding's)
+    torch.testing.assert_close(emb.weight.detach().norm(dim=1), torch.ones(11))
+    torch.manual_seed(0)
+    emb.weight.grad = torch.randn(11, 4)
+    before = emb.weight.detach().clone()
+    literal = [([(0, (r, slice(None)))], 1.0) for r in range(11)]
+    expected, eta = reference_blocks_step([before], [emb.weight.grad], literal, depth=1)
+    opt = AGD(model)
+    opt.step()
+    assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
+    torch.testing.assert_close(emb.weight.detach(), expected[0].float(), rtol=1e-5, atol=1e-6)
 
 
 def test_kinds_resolved_from_a_module():

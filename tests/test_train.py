@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import inspect
 import json
@@ -297,6 +299,15 @@ def test_baseline_run_has_no_eta(fake_fashion, tmp_path):
 
 
 @pytest.mark.slow
+def test_the_agd_inside_agd_adamw_reports_its_eta_and_depth(fake_fashion, tmp_path):
+    out = tmp_path / "fallback"
+    assert main(_argv(fake_fashion, out, 1, "--optimizer", "agd+adamw")) == 0
+    (row,) = metrics_rows(out)
+    assert row["eta_mean"] > 0 and row["skipped_steps"] == 0
+    assert json.loads((out / "config.json").read_text())["agd_L"] == 3  # the FCN's three weight matrices
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("optimizer", ["agd", "agd --momentum 0.9", "schedulefree"])
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(fake_fashion, tmp_path,
                                                                                   monkeypatch, capsys, optimizer):
@@ -399,9 +410,10 @@ def test_progress_bars_on_a_terminal(fake_fashion, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_resume_before_the_first_checkpoint_starts_the_run(fake_fashion, tmp_path):
-    # A kill during epoch 1 leaves config.json and nothing else.
+    # A kill during epoch 1 leaves config.json and nothing else; the run resumes as config.json
+    # says (here heavy-ball momentum, which only config.json records then).
     out = tmp_path / "early"
-    assert main(_argv(fake_fashion, out, 1)) == 0
+    assert main(_argv(fake_fashion, out, 1, "--momentum", "0.9", "--momentum-form", "heavy-ball")) == 0
     whole = torch.load(out / "checkpoint.pt", weights_only=True)
     for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
         (out / name).unlink()
@@ -422,6 +434,62 @@ def test_resume_with_differing_flags_names_them(fake_fashion, tmp_path, capsys):
     # Starting a new run over an existing one is refused too.
     assert main(_argv(fake_fashion, out, 1)) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+def _config(*argv):
+    parser = argparse.ArgumentParser()
+    train_config.add_arguments(parser)
+    return train_config.resolve_config(parser.parse_args(list(argv)))[0]
+
+
+def test_the_config_is_one_frozen_record_that_config_json_holds_by_flag():
+    config = _config("--momentum", "0.9", "--momentum-form", "heavy-ball", "--agd-depth", "7", "--depth", "4")
+    assert (config.nesterov, config.agd_depth, config.depth, config.momentum) == (False, "7", 4, 0.9)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.lr = 0.1
+    saved = config.flag_values()  # config.json: the flags' names and values
+    assert list(saved) == list(train_config.FLAGS) and saved["momentum_form"] == "heavy-ball"
+    assert train_config.TrainConfig.from_flags(saved) == config
+    # The default lr, resolved once: a baseline's is recorded, a peer keeps its package's own.
+    assert (_config("--optimizer", "adamw").lr, _config("--optimizer", "sgd").lr) == (1e-3, 0.1)
+    assert _config("--optimizer", "prodigy").lr is None and _config().lr is None
+
+
+@pytest.mark.slow
+def test_resume_reads_a_config_json_written_before_a_flag_existed(fake_fashion, tmp_path, capsys):
+    out = tmp_path / "old"
+    assert main(_argv(fake_fashion, out, 1)) == 0
+    whole = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+        (out / name).unlink()
+    config = json.loads((out / "config.json").read_text())
+    for key in ("loss", "agd_depth", "momentum_form", "agd_L"):  # flags and records added since 0.1
+        del config[key]
+    (out / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    _same_state(torch.load(out / "checkpoint.pt", weights_only=True), whole)
+    config["momentum_form"] = "polyak"  # a hand-edited value no run has: one line
+    (out / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["train", "--out", str(out), "--resume"]) == 2
+    assert capsys.readouterr().err == "agd: error: --momentum-form must be nesterov or heavy-ball, got 'polyak'\n"
+
+
+@pytest.mark.slow
+def test_under_fsdp_the_optimizer_is_built_once_on_the_shards(fake_fashion, tmp_path, monkeypatch):
+    from torch.distributed.tensor import DTensor
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    built, real = [], run_module.build_optimizer
+
+    def spy(name, model, **kwargs):
+        built.append(all(isinstance(p, DTensor) for p in model.parameters()))
+        return real(name, model, **kwargs)
+
+    monkeypatch.setattr(run_module, "build_optimizer", spy)
+    assert main(_argv(fake_fashion, tmp_path / "run", 1, "--fsdp")) == 0  # a 1-rank FSDP job
+    assert built == [True]
 
 
 # ------------------------------------------------------------------ real processes, real data

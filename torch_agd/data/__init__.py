@@ -32,6 +32,8 @@ class DatasetInfo:
     std: tuple
 
 
+# Text as bytes (data/text.py): a "class" is the next byte, an input a window of bytes.
+TEXT = ("stdlib", "text")
 _MNIST = dict(mean=(0.1307,), std=(0.3081,))
 _CIFAR = dict(mean=(0.4914, 0.4822, 0.4465), std=(0.2023, 0.1994, 0.2010))
 
@@ -45,11 +47,8 @@ DATASETS: dict[str, DatasetInfo] = {
     "cifar100": DatasetInfo("cifar100", 100, (3, 32, 32), **_CIFAR),
     "imagenet": DatasetInfo("imagenet", 1000, (3, 224, 224),
                             mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)),
-    # Text as bytes (data/text.py): a "class" is the next byte, an input a window of bytes.
-    "stdlib": DatasetInfo("stdlib", 256, (128,), mean=(), std=()),
-    "text": DatasetInfo("text", 256, (128,), mean=(), std=()),
+    **{name: DatasetInfo(name, 256, (128,), mean=(), std=()) for name in TEXT},
 }
-TEXT = ("stdlib", "text")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Sequence
 from torch_agd.experiments.findings import ACCURACY_HEADERS, Finding, Section, accuracy_cells, best_group, compare
 from torch_agd.experiments.plot_panels import Panel, curves_figure
 from torch_agd.experiments.runs import Run, final_stat, group_runs, markdown_table
-from torch_agd.train.config import FLAGS
+from torch_agd.train.config import FLAGS, SAVED_BEFORE
 
 DEFAULT_MOMENTUM = FLAGS["momentum"][1]  # the trainer's --momentum when none is given
 
@@ -26,9 +26,10 @@ def _agd_role(run: Run) -> str | None:
     """'m0', 'nesterov' or 'heavy-ball' for an AGD run; None for any other optimizer."""
     if run.param("optimizer") != "agd":
         return None
-    if not run.param("momentum", 0.0):
+    if not run.param("momentum", DEFAULT_MOMENTUM):
         return "m0"
-    return str(run.param("momentum_form", "nesterov"))
+    # config.json as written before --momentum-form existed: the form those runs used
+    return str(run.param("momentum_form", SAVED_BEFORE["momentum_form"]))
 
 
 def _label(run: Run) -> str:

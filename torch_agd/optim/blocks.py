@@ -9,6 +9,7 @@ and factors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -42,10 +43,10 @@ class Blocks:
         return self.rows // self.row_blocks
 
 
-def joined_to(partner: Blocks, numel: int) -> Blocks:
-    """The blocks of a 1-D bias of ``numel`` entries that joins ``partner``'s: one entry per row,
-    in the partner's row blocks and (spread over them) kernel positions, at its scale."""
-    return Blocks(numel, partner.row_blocks, 1, partner.k, partner.scale,
+def joined_to(partner: Blocks, shape: tuple) -> Blocks:
+    """The blocks of a bias of ``shape`` that joins ``partner``'s: one entry per row of the
+    partner, in its row blocks and (spread over them) kernel positions, at its scale."""
+    return Blocks(math.prod(shape), partner.row_blocks, 1, partner.k, partner.scale, row_dims=len(shape),
                   in_every_kernel_position=partner.k > 1)
 
 
@@ -57,6 +58,8 @@ def partner_names(name: str) -> list[str]:
         return [prefix + "in_proj_weight"]
     if attr == "bias":
         return [prefix + "weight"]
+    if attr.endswith("_bias"):  # stacked experts' gate_up_proj_bias beside gate_up_proj
+        return [prefix + attr[:-len("_bias")]]
     return []
 
 
@@ -111,7 +114,7 @@ def assign_blocks(named: list[tuple[str, torch.Tensor, "object"]]) -> tuple[dict
                 break
         else:  # an attention whose q, k and v maps are separate tensors: a third each
             thirds = [by_name.get(n) for n in split_partner_names(name)]
-            if all(q is not None and rule.joins(rule_of[id(q)], p, q, split=True) for q in thirds):
+            if thirds and all(q is not None and rule.joins(rule_of[id(q)], p, q, split=True) for q in thirds):
                 partners[id(p)] = thirds
     joined = {id(q) for qs in partners.values() for q in qs}
     own, base, n = {}, {}, 0

@@ -77,7 +77,8 @@ def _factor_shape(local_shape: tuple, b: Blocks, pattern: str) -> tuple:
     kernel = tuple(local_shape[len(local_shape) - b.kernel_dims:]) if b.kernel_dims else ()
     if pattern == "kernel":
         return (1, 1, *kernel)
-    return (local_shape[0], *(1,) * (len(local_shape) - 1 - len(kernel)), *kernel)
+    rows = tuple(local_shape[:b.row_dims])
+    return (*rows, *(1,) * (len(local_shape) - len(rows) - len(kernel)), *kernel)
 
 
 def signature(entries, ws, gs, ds) -> tuple:

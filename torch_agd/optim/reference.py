@@ -140,3 +140,12 @@ def reference_momentum_steps(weights, grad_steps, momentum, nesterov=True, depth
                 if norm > 0:
                     w[idx] -= (eta / L) * s_of(w.shape) * d[idx] / norm
     return weights
+
+
+def stacked_blocks(i, shape, transposed=False, bias=None):
+    """Blocks of E matrices stored as one (E, out, in) tensor ((E, in, out) if ``transposed``):
+    each expert's matrix, of scale sqrt(out/in), with its row of an (E, out) bias at ``bias``."""
+    experts, a, b = shape
+    d_out, d_in = (b, a) if transposed else (a, b)
+    s = math.sqrt(d_out / (d_in + (bias is not None)))
+    return [([(i, (e,))] + ([] if bias is None else [(bias, (e,))]), s) for e in range(experts)]

@@ -19,6 +19,14 @@ Every rule below is that rule, applied to what the parameter actually is as a ma
     norm        a norm layer's [diag(gamma) | beta], one block       1 (gamma = 1 at init)    no
     raw         additive parameters (positional embeddings, class   sqrt(d) (one slot's      no
                 tokens): every vector along the last dim is a slot   vector at unit RMS)
+    tied        a table that is an embedding and an output head     1 (the head's rows)      yes
+                at once (tied weights): each row
+    stacked     E matrices in one (E, out, in) tensor (mixture-of-  sqrt(out/in) each        yes
+                experts): each expert's matrix; stacked_t (E, in,
+                out) likewise; stacked_bias (E, out) joins them
+    gain        a per-channel gain outside torch's norm layers      1, as norm               no
+                (custom RMSNorms, layer scales, a weight-
+                standardised conv's gain): diag(gamma), one block
 
 d_out, d_in count whole channels (d_in of [W | b] counts the constant input too); for a grouped
 conv, d_out/d_in is the same per group as for the whole layer, so g only cuts the blocks. A conv's
@@ -96,7 +104,7 @@ class Rule:
 
     def joined_blocks(self, shape: tuple, partner: Blocks) -> Blocks:
         """The blocks of a parameter of ``shape`` that joins ``partner``'s."""
-        return joined_to(partner, math.prod(shape))
+        return joined_to(partner, tuple(shape))
 
     def init_(self, p: torch.Tensor, blocks: Blocks, name: str, generator) -> None:
         """Set ``p`` as AGD starts it (default: leave the module's own initialisation)."""
@@ -198,6 +206,65 @@ class Bias(Raw):
         p.zero_()
 
 
+class Tied(Embedding):
+    """A table that is both an embedding and an output head (an Embedding's weight that a Linear
+    head shares). As the head it maps features of unit RMS to logits: rows of norm 1 give logits
+    of unit RMS (the paper's s for a (V, d) head, sqrt(V/d) times a semi-orthogonal matrix, has
+    rows of norm 1 on average), while the embedding's rows of norm sqrt(d) would give logits
+    sqrt(d) times too large in every model that does not rescale them (GPT-2, BERT, Gemma). As an
+    embedding the rows are then small, but those models put a norm layer (or Gemma's sqrt(d)
+    factor) between the table and the first layer that reads it."""
+    kind = "tied"
+
+    def blocks(self, shape, joined=False):
+        return Blocks(shape[0], shape[0], shape[1], 1, 1.0)
+
+    def init_(self, p, blocks, name, generator):
+        rows = torch.randn(p.shape, dtype=torch.float64, generator=generator)  # a uniform direction per row
+        p.copy_(rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True))
+
+
+class Stacked(Rule):
+    """E independent matrices stored as one (E, out, in) tensor, as mixture-of-experts layers
+    hold their experts: each expert's matrix is a block with its own s = sqrt(out/in), drawn
+    orthogonal at init, exactly as E separate linear weights would be."""
+    kind = "stacked"
+    layer = True
+    matrix = True
+    needs = "a 3-D (experts, out, in) tensor"
+    transposed = False
+
+    def fits(self, p):
+        return p.dim() == 3
+
+    def blocks(self, shape, joined=False):
+        experts, rows, inner = shape
+        d_out, d_in = (inner, rows) if self.transposed else (rows, inner)
+        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2)
+
+    def init_(self, p, blocks, name, generator):
+        p.copy_(orthogonal_blocks(p, blocks, generator))
+
+
+class StackedT(Stacked):
+    """Stacked matrices stored (E, in, out): x @ W[e] rather than a linear map's W[e] @ x."""
+    kind = "stacked_t"
+    needs = "a 3-D (experts, in, out) tensor"
+    transposed = True
+
+
+class StackedBias(Bias):
+    """The (E, out) biases of stacked experts: each expert's row joins that expert's matrix."""
+    kind = "stacked_bias"
+    needs = "a 2-D (experts, out) bias"
+
+    def fits(self, p):
+        return p.dim() == 2
+
+    def joins(self, partner, p, q, split=False):
+        return isinstance(partner, Stacked) and not split
+
+
 class Norm(Rule):
     """A norm layer's affine part: [diag(gamma) | beta] is one block of scale 1 (gamma = 1 at
     init), so the shift joins the gain of the same shape."""
@@ -214,6 +281,18 @@ class Norm(Rule):
 
     def init_(self, p, blocks, name, generator):
         p.fill_(0.0 if name.endswith("bias") else 1.0)  # beta = 0, gamma = 1
+
+
+class Gain(Norm):
+    """A per-channel gain that is not a torch norm layer's: the weight of a norm layer of another
+    library's own (LlamaRMSNorm, T5LayerNorm, timm's RmsNorm), a layer scale, a weight-
+    standardised conv's gain. diag(gamma) is one block of scale 1, as for a norm layer, but the
+    module's own initialisation stays: such gains may start at 0 (GemmaRMSNorm multiplies by
+    1 + gamma) or near 0 (a layer scale)."""
+    kind = "gain"
+
+    def init_(self, p, blocks, name, generator):
+        pass
 
 
 KINDS = tuple(Rule.by_kind)
@@ -247,14 +326,16 @@ def default_kind(p: torch.Tensor, name: str) -> str:
 # module type -> (module, attribute name) -> the rule of that parameter, or None (raw)
 ModuleRules = Callable[[nn.Module, str], "Rule | None"]
 _BY_TYPE: dict[type, ModuleRules] = {}
-# Layers with >= 2-D weights that no rule describes yet: refused rather than guessed.
-_REFUSED = (nn.RNNBase, nn.RNNCellBase, nn.Bilinear)
+
+
+class NoRule(Exception):
+    """Raised by a module's rules for a parameter no rule describes: refused rather than guessed."""
 
 
 def register_rule(module_type: type, rules: Mapping[str, Rule | str] | ModuleRules) -> None:
     """Tell AGD(model) and init_weights_ how to treat the parameters of ``module_type`` (and of
     its subclasses): a mapping from attribute name to a Rule or kind name
-    (``register_rule(MyLayer, {"weight": "weight", "scale": "raw"})``), or a function of
+    (``register_rule(MyLayer, {"weight": "weight", "scale": "gain"})``), or a function of
     (module, attribute name) returning a Rule, or None for the raw rule."""
     if not isinstance(module_type, type) or not issubclass(module_type, nn.Module):
         raise UsageError(f"register_rule needs an nn.Module subclass, got {module_type!r}")
@@ -266,15 +347,28 @@ def register_rule(module_type: type, rules: Mapping[str, Rule | str] | ModuleRul
 
 
 def _linear_or_conv(module: nn.Module, attr: str) -> Rule:
-    if attr != "weight":
-        return Bias()
+    """A linear or conv layer's weight and bias, and by its role any other parameter a subclass
+    adds: a gain per output channel (timm's ScaledStdConv2d) is diag(gain) after the map."""
     transposed = isinstance(module, nn.modules.conv._ConvTransposeNd)
-    return (WeightT if transposed else Weight)(getattr(module, "groups", 1))
+    if attr == "weight":
+        return (WeightT if transposed else Weight)(getattr(module, "groups", 1))
+    if attr == "bias":
+        return Bias()
+    p, weight = getattr(module, attr), module.weight
+    out_channels = weight.shape[1] * getattr(module, "groups", 1) if transposed else weight.shape[0]
+    if p.numel() == out_channels and p.shape[0] == out_channels:
+        return Gain()
+    raise NoRule(f"it is neither the layer's weight nor its bias, nor a gain per output channel "
+                 f"(shape {tuple(p.shape)})")
 
 
 def _multihead_attention(module: nn.Module, attr: str) -> Rule | None:
     return {"in_proj_weight": Attention(), "in_proj_bias": Bias(), "q_proj_weight": Weight(),
             "k_proj_weight": Weight(), "v_proj_weight": Weight()}.get(attr)
+
+
+def _refused(module: nn.Module, attr: str) -> Rule:
+    raise NoRule("no rule describes this layer yet")
 
 
 register_rule(nn.Linear, _linear_or_conv)
@@ -284,6 +378,8 @@ for _norm in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMS
     register_rule(_norm, lambda module, attr: Norm())
 for _embedding in (nn.Embedding, nn.EmbeddingBag):
     register_rule(_embedding, lambda module, attr: Embedding())
+for _layer in (nn.RNNBase, nn.RNNCellBase, nn.Bilinear):  # >= 2-D weights no rule describes yet
+    register_rule(_layer, _refused)
 
 
 def class_names(module: nn.Module) -> list[str]:
@@ -292,23 +388,38 @@ def class_names(module: nn.Module) -> list[str]:
     return [cls.__name__ for cls in type(module).__mro__]
 
 
+def _by_structure(module: nn.Module, attr: str) -> Rule | None:
+    """Rules for the modules of libraries that are not dependencies (Hugging Face transformers,
+    timm), read from what a module holds and, where nothing else tells, its class's name."""
+    p, names = getattr(module, attr), class_names(module)
+    if "Conv1D" in names and hasattr(module, "nf"):  # GPT-2's linear layer, stored (in, out)
+        return WeightT() if attr == "weight" else Bias()
+    if hasattr(module, "is_transposed") and hasattr(module, "num_experts"):  # transformers' stacked experts
+        if p.dim() == 3:
+            return StackedT() if module.is_transposed else Stacked()
+        if p.dim() == 2 and attr.endswith("_bias"):
+            return StackedBias()
+    if p.dim() == 2 and attr == "weight" and any("Router" in n for n in names):  # logits = x @ weight.T
+        return Weight()
+    if p.dim() == 1 and (any("Norm" in n or "LayerScale" in n for n in names) or attr == "gamma"):
+        return Gain()
+    return None
+
+
 def _rule_in(module: nn.Module, attr: str) -> Rule | None:
     """The rule of ``module``'s own parameter ``attr``: its type's (or nearest base's) registered
-    rules; None for a raw parameter."""
+    rules, else what its structure shows; None for a raw parameter."""
     for cls in type(module).__mro__:
         if cls in _BY_TYPE:
             return _BY_TYPE[cls](module, attr)
-    # Hugging Face's GPT-2 style Conv1D, (in, out), known by name: transformers is not a dependency
-    if "Conv1D" in class_names(module) and hasattr(module, "nf"):
-        return WeightT() if attr == "weight" else Bias()
-    return None
+    return _by_structure(module, attr)
 
 
 def module_param_groups(module: nn.Module) -> list[dict]:
     """``module``'s parameters as AGD param groups, one per (kind, conv groups), in the order the
     kinds first appear; every group carries (name, tensor) pairs so that joins can be found.
 
-    A tensor shared by an Embedding and a Linear head (tied weights) is an embedding.
+    A tensor shared by an Embedding and a Linear head (tied weights) is one tied table.
     """
     owners: dict[int, list[tuple[nn.Module, str]]] = {}
     for _, mod in module.named_modules(remove_duplicate=False):
@@ -316,14 +427,21 @@ def module_param_groups(module: nn.Module) -> list[dict]:
             owners.setdefault(id(p), []).append((mod, attr))
     groups: dict[tuple[str, int], list] = {}
     for name, p in module.named_parameters():
-        mods = owners[id(p)]
-        for mod, attr in mods:
-            if isinstance(mod, _REFUSED):
-                raise UsageError(f"AGD has no rule for {name} ({type(mod).__name__}) yet: give it to another "
-                                 "optimizer, put it in a param group with kind=..., or register_rule its "
-                                 "module type (see torch_agd.optim.rules)")
-        found = [r for r in (_rule_in(mod, attr) for mod, attr in mods) if r is not None]
-        rule = next((r for r in found if isinstance(r, Embedding)), found[0] if found else Raw())
+        found = []
+        for mod, attr in owners[id(p)]:
+            try:
+                rule = _rule_in(mod, attr)
+            except NoRule as why:
+                raise UsageError(f"AGD has no rule for {name} ({type(mod).__name__}): {why}; give it to another optimizer, put it in a "
+                                 "param group with kind=..., or register_rule its module type "
+                                 "(docs/rules.md)") from None
+            if rule is not None:
+                found.append(rule)
+        embedding = any(isinstance(r, Embedding) for r in found)
+        if embedding and any(r.matrix for r in found):  # an embedding that is also a head
+            rule = Tied()
+        else:
+            rule = next((r for r in found if isinstance(r, Embedding)), found[0] if found else Raw())
         groups.setdefault((rule.kind, rule.groups), []).append((name, p))
     out = []
     for (kind, conv_groups), params in groups.items():

@@ -1,11 +1,19 @@
-"""The flags of `agd train` and the run's config: from the command line, or DIR/config.json
-on --resume, with the one-line errors for values no run can use."""
+"""The flags of `agd train` and the run's config: one frozen TrainConfig, from the command line
+or from DIR/config.json on --resume, with the one-line errors for values no run can use.
+
+A flag's default lives in FLAGS; the defaults that depend on other flags (--loss, --agd-depth,
+--lr) are resolved once, in resolve_config. The run reads the TrainConfig's typed fields; its
+config.json keeps the flags' names and values (to_json / from_flags), which is what sweeps, the
+results page and resumes of older run directories read.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch_agd.data import DATASETS, TEXT
@@ -13,9 +21,11 @@ from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, PAPER_ARCHS
 from torch_agd.train import rundir
-from torch_agd.train.fsdp import OPTIMIZERS as SHARDABLE
+from torch_agd.train.fsdp import SHARDABLE
 from torch_agd.train.loop import LOSSES
-from torch_agd.train.optimizers import DEFAULT_LR, OPTIMIZERS, agd_depth
+from torch_agd.train.optimizers import AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
+
+MOMENTUM_FORMS = ("nesterov", "heavy-ball")  # --momentum-form; TrainConfig.nesterov means the first
 
 # dest: (type, default, help). Defaults are applied after parsing (argparse sees None), so
 # that --resume can tell the flags a user typed from the ones left at their defaults.
@@ -25,9 +35,9 @@ FLAGS: dict[str, tuple] = {
     "loss": (str, None, "mse (the paper's square loss; the default for images) or xent (cross-entropy; "
                         "the default for text)"),
     "optimizer": (str, "agd", "agd, the baselines adam, adamw and sgd, agd+adamw (AGD on the weight matrices, "
-                              "AdamW on the rest), or a peer: " + ", ".join(OPTIMIZERS[5:])),
-    "lr": (float, None, "learning rate of a baseline or peer (adam and adamw 1e-3, sgd 0.1, peers their own); "
-                        "not for agd"),
+                              "AdamW on the rest), or a peer: " + ", ".join(PEERS)),
+    "lr": (float, None, "learning rate of a baseline or peer (" + ", ".join(f"{name} {lr:g}" for name, lr in
+                        DEFAULT_LR.items()) + ", peers their own); not for agd"),
     "gain": (float, 1.0, "AGD's gain, its only knob (the paper suggests trying 10)"),
     "agd_depth": (str, None, "AGD's depth L: auto (layers in series along the residual path), weights (one per "
                              "weight tensor, the paper's count) or a number; default weights for the paper's "
@@ -52,7 +62,7 @@ FLAGS: dict[str, tuple] = {
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
 CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
-           "momentum_form": ("nesterov", "heavy-ball")}
+           "momentum_form": MOMENTUM_FORMS}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
@@ -85,66 +95,118 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------ configuration
 
+@dataclass(frozen=True)
+class TrainConfig:
+    """One run, every flag resolved. ``depth`` is the FCN's (--depth) and nothing else's;
+    ``agd_depth`` is AGD's L as given (auto, weights or a number); ``nesterov`` is
+    --momentum-form nesterov (False: heavy-ball); ``lr`` is None for AGD and for a peer at its
+    package's own default."""
+
+    arch: str
+    dataset: str
+    loss: str
+    optimizer: str
+    lr: float | None
+    gain: float
+    agd_depth: str
+    momentum: float
+    nesterov: bool
+    train_bs: int
+    test_bs: int
+    epochs: int
+    steps: int | None
+    depth: int
+    width: int
+    seed: int
+    amp: bool
+    compile: bool
+    cpu: bool
+    distribute: bool
+    fsdp: bool
+    data_dir: str | None
+    workers: int
+    out: str | None
+
+    @classmethod
+    def from_flags(cls, values: dict) -> "TrainConfig":
+        """From every flag's value, by its dest (config.json holds them so)."""
+        form = values["momentum_form"]
+        if form not in MOMENTUM_FORMS:  # argparse refuses others; a hand-edited config.json may not
+            raise UsageError(f"{_flag('momentum_form')} must be nesterov or heavy-ball, got {form!r}")
+        fields = {k: v for k, v in values.items() if k != "momentum_form"}
+        return cls(**fields, nesterov=form == "nesterov")
+
+    def flag_values(self) -> dict:
+        """Every flag's value, by its dest, in FLAGS' order: what config.json records."""
+        fields = dataclasses.asdict(self)
+        fields["momentum_form"] = MOMENTUM_FORMS[0] if self.nesterov else MOMENTUM_FORMS[1]
+        return {k: fields[k] for k in FLAGS}
+
 
 def _given(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in FLAGS if getattr(args, k, None) is not None}
 
 
-def _check_new(config: dict, given: dict) -> None:
+def _check_new(values: dict, given: dict) -> None:
     """One-line errors for values no run can use; raised before anything is loaded. Batch sizes
     are checked by check_split; --lr with agd and out-of-range values of --lr/--gain are refused
     by build_optimizer; each rule has one owner, the code that uses the value."""
-    if config["epochs"] < 1:
-        raise UsageError(f"{_flag('epochs')} must be at least 1, got {config['epochs']}")
-    if config["steps"] is not None and config["steps"] < 1:
-        raise UsageError(f"--steps must be at least 1, got {config['steps']}")
+    if values["epochs"] < 1:
+        raise UsageError(f"{_flag('epochs')} must be at least 1, got {values['epochs']}")
+    if values["steps"] is not None and values["steps"] < 1:
+        raise UsageError(f"--steps must be at least 1, got {values['steps']}")
     if "steps" in given and "epochs" in given:
         raise UsageError("give --epochs or --steps, not both")
-    check_workers(config["workers"])
-    agd = config["optimizer"] in ("agd", "agd+adamw")
+    check_workers(values["workers"])
     for flag in ("gain", "agd_depth", "momentum"):
-        if flag in given and not agd:
-            raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {config['optimizer']} takes --lr")
+        if flag in given and values["optimizer"] not in AGD_OPTIMIZERS:
+            raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {values['optimizer']} takes --lr")
     for flag in ("momentum", "momentum_form"):
-        if flag in given and config["optimizer"] != "agd":
+        if flag in given and values["optimizer"] != "agd":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
-    agd_depth(config["agd_depth"])
-    if config["dataset"] == "text" and config["data_dir"] is None:
+    parse_agd_depth(values["agd_depth"])
+    if values["dataset"] == "text" and values["data_dir"] is None:
         raise UsageError("--dataset text needs --data-dir FILE (a UTF-8 text file) or a directory of text files")
 
 
-def resolve_config(args: argparse.Namespace) -> tuple[dict, bool]:
-    """The run's full config (every flag) and whether it continues an existing run directory."""
+def _resume(given: dict) -> TrainConfig:
+    """The run in --out DIR as its config.json records it, with the flags that may change."""
+    if "out" not in given:
+        raise UsageError("--resume needs --out DIR, the run directory to continue")
+    path = Path(given["out"]) / rundir.CONFIG
+    if not path.is_file():
+        raise UsageError(f"nothing to resume: {path} does not exist (start the run without --resume)")
+    saved = json.loads(path.read_text())
+    # A run saved before a flag existed ran as that flag's default does.
+    values = {k: saved.get(k, SAVED_BEFORE.get(k, FLAGS[k][1])) for k in FLAGS}
+    differ = [f"{_flag(k)} {v} (the run has {values[k]})" for k, v in given.items()
+              if k not in MAY_CHANGE_ON_RESUME and values[k] != v]
+    if differ:
+        raise UsageError(f"--resume: flags differ from {path}: {', '.join(differ)}; "
+                         "drop them to continue the run as it was started")
+    values.update({k: given[k] for k in MAY_CHANGE_ON_RESUME if k in given})
+    return TrainConfig.from_flags(values)
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """The run's config and whether it continues an existing run directory."""
     given = _given(args)
     if args.resume:
-        if "out" not in given:
-            raise UsageError("--resume needs --out DIR, the run directory to continue")
-        path = Path(given["out"]) / rundir.CONFIG
-        if not path.is_file():
-            raise UsageError(f"nothing to resume: {path} does not exist (start the run without --resume)")
-        saved = json.loads(path.read_text())
-        # A run saved before a flag existed ran as that flag's default does.
-        config = {k: saved.get(k, SAVED_BEFORE.get(k, FLAGS[k][1])) for k in FLAGS}
-        differ = [f"{_flag(k)} {v} (the run has {config[k]})" for k, v in given.items()
-                  if k not in MAY_CHANGE_ON_RESUME and config[k] != v]
-        if differ:
-            raise UsageError(f"--resume: flags differ from {path}: {', '.join(differ)}; "
-                             "drop them to continue the run as it was started")
-        config.update({k: given[k] for k in MAY_CHANGE_ON_RESUME if k in given})
-        return config, True
-    config = {k: given.get(k, default) for k, (_, default, _) in FLAGS.items()}
-    if config["lr"] is None:
-        config["lr"] = DEFAULT_LR.get(config["optimizer"])
-    if config["loss"] is None:
-        config["loss"] = "xent" if config["dataset"] in TEXT else "mse"
-    if config["agd_depth"] is None:
-        config["agd_depth"] = "weights" if config["arch"] in PAPER_ARCHS else "auto"
-    _check_new(config, given)
-    return config, False
+        return _resume(given), True
+    values = {k: given.get(k, default) for k, (_, default, _) in FLAGS.items()}
+    # The defaults that depend on another flag, each resolved here and nowhere else.
+    if values["lr"] is None:
+        values["lr"] = default_lr(values["optimizer"])
+    if values["loss"] is None:
+        values["loss"] = "xent" if values["dataset"] in TEXT else "mse"
+    if values["agd_depth"] is None:
+        values["agd_depth"] = "weights" if values["arch"] in PAPER_ARCHS else "auto"
+    _check_new(values, given)
+    return TrainConfig.from_flags(values), False
 
 
-def default_out(config: dict) -> str:
-    stem = Path("runs") / f"{config['arch']}-{config['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
+def default_out(config: TrainConfig) -> str:
+    stem = Path("runs") / f"{config.arch}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, n = stem, 1
     while out.exists():  # two runs started in the same second
         n += 1
@@ -152,19 +214,19 @@ def default_out(config: dict) -> str:
     return str(out)
 
 
-def check_fsdp(config: dict) -> None:
+def check_fsdp(config: TrainConfig) -> None:
     """What --fsdp does not combine with (checked before joining the process group)."""
-    if not config["fsdp"]:
+    if not config.fsdp:
         return
-    if config["compile"]:
+    if config.compile:
         raise UsageError("--fsdp does not combine with --compile yet; drop --compile")
-    if config["optimizer"] not in SHARDABLE:
+    if config.optimizer not in SHARDABLE:
         raise UsageError(f"--fsdp trains with --optimizer {', '.join(SHARDABLE[:-1])} or {SHARDABLE[-1]}; "
-                         f"run --optimizer {config['optimizer']} without --fsdp")
+                         f"run --optimizer {config.optimizer} without --fsdp")
 
 
-def check_split(config: dict, world_size: int) -> None:
+def check_split(config: TrainConfig, world_size: int) -> None:
     """The batch sizes: at least 1, and each rank takes an equal slice of every global batch
     (the data loader's rules, checked before joining the process group)."""
-    for dest in ("train_bs", "test_bs"):
-        local_batch_size(config[dest], world_size, name=_flag(dest))
+    local_batch_size(config.train_bs, world_size, name=_flag("train_bs"))
+    local_batch_size(config.test_bs, world_size, name=_flag("test_bs"))

@@ -10,7 +10,7 @@ Three things differ from a DDP run (docs/distributed.md, "FSDP2"):
 
 - the model (`shard_model`): the weights are drawn whole, on the CPU from the seed, as always;
   then `fully_shard` wraps every unit (`units`) and the root, which replaces the parameters
-  with DTensors, so the optimizer is built again on those (the trainer does that).
+  with DTensors, so the trainer builds the optimizer after sharding, on those.
 - evaluation (`in_lockstep`): a sharded forward is a collective, so every rank must run as many
   forwards as the rank with the most test batches; the others run the missing ones on an empty
   batch, which counts nothing.
@@ -37,10 +37,10 @@ from torch_agd.train import checkpoint as ckpt
 from torch_agd.train import rundir
 from torch_agd.train.dist import DistEnv
 
-# Optimizers that step DTensor shards correctly. The peers are refused: Prodigy and D-Adaptation
-# flatten whole parameters, which DTensor cannot do for shards of unequal length; so is agd+adamw
-# for now: two optimizers in one, where save_checkpoint saves one.
-OPTIMIZERS = ("agd", "adam", "adamw", "sgd")
+# What --fsdp can shard: the optimizers that step DTensor shards correctly. The peers are refused:
+# Prodigy and D-Adaptation flatten whole parameters, which DTensor cannot do for shards of unequal
+# length; so is agd+adamw for now: two optimizers in one, where save_checkpoint saves one.
+SHARDABLE = ("agd", "adam", "adamw", "sgd")
 
 # Inside DIR/checkpoint/: what is not a tensor (epoch, metrics, RNG state), from rank 0.
 TRAIN_STATE = "train_state.pt"

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torch_agd.train.optimizers import agd_of
+
 
 def mse_loss(logits: Tensor, y: Tensor) -> Tensor:
     """The paper's square loss: mean over batch and classes of (f(x) - sqrt(C) * onehot(y))^2.
@@ -47,7 +49,8 @@ def _per_target(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
                 *, loss_fn, device: torch.device, amp: bool = False) -> dict[str, Tensor]:
     """Train on every batch once. Returns device tensors (no sync): loss_sum, correct, count
-    (this process's samples), and, for an optimizer that reports ``eta``, eta_sum/min/max/steps."""
+    (this process's samples), and, where AGD steps (agd, agd+adamw), eta_sum/min/max."""
+    agd = agd_of(optimizer)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -66,8 +69,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         correct += (logits.detach().argmax(dim=1) == y).sum()
         count += y.shape[0]
         steps += 1
-        eta = getattr(optimizer, "eta", None)
-        if eta is not None:  # AGD updates opt.eta in place: fold it in before the next step
+        eta = None if agd is None else agd.eta
+        if eta is not None:  # AGD updates its eta in place: fold it in before the next step
             if eta_sum is None:
                 eta_sum, eta_min, eta_max = eta.double().clone(), eta.clone(), eta.clone()
             else:

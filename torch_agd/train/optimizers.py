@@ -80,7 +80,15 @@ def _peer(name: str, module: str, cls: str, default_lr: float) -> Builder:
 
 # Peer name -> builder(params, lr=None). Only names: each package loads when its peer is built.
 PEERS: dict[str, Builder] = {name: _peer(name, *spec) for name, spec in PEER_CLASSES.items()}
+# The optimizers that step with AGD, which take --gain and --agd-depth instead of --lr.
+AGD_OPTIMIZERS = ("agd", "agd+adamw")
 OPTIMIZERS = ("agd", "adam", "sgd", "adamw", "agd+adamw", *PEERS)
+
+
+def default_lr(name: str) -> float | None:
+    """The learning rate ``--optimizer name`` runs at without --lr: a baseline's, from DEFAULT_LR;
+    None for AGD (no lr) and for a peer (its package's own default, applied when it is built)."""
+    return DEFAULT_LR.get(name)
 
 
 def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimizer:
@@ -112,18 +120,6 @@ class AGDWithAdamW:
                                        weight_decay=ADAMW_WEIGHT_DECAY)  # (an empty stand-in: a bias-free net)
         self.param_groups = self.agd.param_groups + self.adamw.param_groups
 
-    @property
-    def eta(self):
-        return self.agd.eta
-
-    @property
-    def depth(self) -> int:
-        return self.agd.depth
-
-    @property
-    def skipped_steps(self):
-        return self.agd.skipped_steps
-
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.agd.zero_grad(set_to_none)
         self.adamw.zero_grad(set_to_none)
@@ -141,8 +137,9 @@ class AGDWithAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def agd_depth(depth: str | int | None):
-    """--agd-depth as AGD's depth: "auto" (None: layers in series), "weights" or an integer."""
+def parse_agd_depth(depth: str | int | None):
+    """--agd-depth as AGD's ``depth`` argument: "auto" (None: layers in series), "weights" or an
+    integer; anything else is a UsageError."""
     if depth in (None, "auto"):
         return None
     if depth == "weights":
@@ -156,37 +153,56 @@ def agd_depth(depth: str | int | None):
     return value
 
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
-                    depth: str | int | None = "weights", momentum: float = 0.0,
-                    momentum_form: str = "nesterov", init: bool = True) -> Optimizer:
-    """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means the default.
-    ``depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``momentum_form``
-    ("nesterov" or "heavy-ball") apply to AGD.
+def agd_of(optimizer):
+    """The AGD that steps in ``optimizer`` (itself, or agd+adamw's AGD half), or None: the trainer
+    reports its eta, skipped steps and L."""
+    from torch_agd import AGD
 
-    For "agd" this re-initialises ``model``'s weights, so build it before loading a checkpoint
-    and before wrapping the model in DistributedDataParallel or sharding it; ``init=False``
-    builds it without that, on a model already initialised (and sharded: FSDP2 replaces the
-    parameters, so the optimizer is built again on the shards).
+    if isinstance(optimizer, AGDWithAdamW):
+        return optimizer.agd
+    return optimizer if isinstance(optimizer, AGD) else None
+
+
+def init_weights(name: str, model: nn.Module) -> None:
+    """The initialisation ``--optimizer name`` comes with: AGD's (orthogonal, scaled by s(W)) for
+    agd; every other optimizer, agd+adamw included, keeps the model's own."""
+    if name == "agd":
+        from torch_agd import init_weights_
+
+        init_weights_(model)
+
+
+def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
+                    agd_depth: str | int | None = "weights", momentum: float = 0.0,
+                    nesterov: bool = True, init: bool = True) -> Optimizer:
+    """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means default_lr(name).
+    ``agd_depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``nesterov``
+    (False: heavy ball) apply to AGD.
+
+    ``init`` first applies init_weights(name, model), which for "agd" re-initialises the weights:
+    so build it before loading a checkpoint and before wrapping the model in
+    DistributedDataParallel. ``init=False`` builds it on a model already initialised, as the
+    trainer does: it initialises the whole model, then shards it under --fsdp (FSDP2 replaces
+    the parameters), then builds the optimizer on the parameters the model holds.
     """
     if name not in OPTIMIZERS:
         raise UsageError(f"unknown --optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    if name in ("agd", "agd+adamw"):
-        if lr is not None:
-            raise UsageError(f"--lr does not apply to --optimizer {name} (AGD sets its own step size); use --gain")
-        if name == "agd+adamw":
-            return AGDWithAdamW(model, gain=gain)
-        from torch_agd import AGD, init_weights_
+    if name in AGD_OPTIMIZERS and lr is not None:
+        raise UsageError(f"--lr does not apply to --optimizer {name} (AGD sets its own step size); use --gain")
+    if init:
+        init_weights(name, model)
+    if name == "agd+adamw":
+        return AGDWithAdamW(model, gain=gain)
+    if name == "agd":
+        from torch_agd import AGD
 
-        if init:
-            init_weights_(model)
-        return AGD(model, gain=gain, depth=agd_depth(depth), momentum=momentum,
-                   nesterov=momentum_form == "nesterov")
+        return AGD(model, gain=gain, depth=parse_agd_depth(agd_depth), momentum=momentum, nesterov=nesterov)
+    if name in PEERS:
+        return build_peer(name, model.parameters(), lr=lr)
     check_lr(name, lr)
+    lr = default_lr(name) if lr is None else lr
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["adam"] if lr is None else lr)
+        return torch.optim.Adam(model.parameters(), lr=lr)
     if name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=DEFAULT_LR["adamw"] if lr is None else lr,
-                                 weight_decay=ADAMW_WEIGHT_DECAY)
-    if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=DEFAULT_LR["sgd"] if lr is None else lr)
-    return build_peer(name, model.parameters(), lr=lr)
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=ADAMW_WEIGHT_DECAY)
+    return torch.optim.SGD(model.parameters(), lr=lr)

@@ -1,7 +1,8 @@
 """`agd train`: one run, from flags to a finished run directory.
 
-    flags -> config (fresh, or DIR/config.json on --resume) -> process group -> model (+ init)
-          -> data -> optimizer -> checkpoint? -> epochs (train, evaluate, save) -> summary
+    flags -> TrainConfig (fresh, or DIR/config.json on --resume) -> process group -> model (+ init)
+          -> (shards, under --fsdp) -> optimizer -> data -> checkpoint? -> epochs (train, evaluate,
+          save) -> summary
 
 Every file of the run directory is written atomically after each epoch, so a run killed at
 any moment resumes from its last completed epoch with `--out DIR --resume` and ends with the
@@ -11,6 +12,7 @@ same weights, bit for bit on the CPU, as if it had never stopped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import subprocess
@@ -25,10 +27,11 @@ from torch_agd.errors import UsageError
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
 from torch_agd.train import fsdp, rundir
-from torch_agd.train.config import add_arguments, check_fsdp, check_split, default_out, resolve_config
+from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, check_split, default_out,
+                                    resolve_config)
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
-from torch_agd.train.optimizers import build_optimizer
+from torch_agd.train.optimizers import agd_of, build_optimizer, init_weights
 
 __all__ = ["add_arguments", "run"]  # what the CLI's `train` subcommand calls
 
@@ -51,12 +54,14 @@ def _check_new_run_dir(out: Path) -> None:
         raise UsageError(f"--out {out} is a file, not a directory")
 
 
-def _start_run_dir(out: Path, config: dict, optimizer) -> None:
+def _start_run_dir(out: Path, config: TrainConfig, optimizer) -> None:
     out.mkdir(parents=True, exist_ok=True)
     from torch_agd import __version__
 
-    agd_L = {"agd_L": optimizer.depth} if hasattr(optimizer, "depth") else {}  # the L that AGD uses
-    rundir.write_json(out / rundir.CONFIG, {**config, **agd_L, "version": __version__, "git_commit": _git_commit()})
+    agd = agd_of(optimizer)
+    agd_L = {} if agd is None else {"agd_L": agd.depth}  # the L that AGD found (--agd-depth auto) or was given
+    rundir.write_json(out / rundir.CONFIG, {**config.flag_values(), **agd_L, "version": __version__,
+                                            "git_commit": _git_commit()})
 
 
 # ------------------------------------------------------------------------ reporting
@@ -140,16 +145,16 @@ def _metrics_row(epoch, train, test, skipped_before, seconds, train_seconds) -> 
     return row
 
 
-def _sync_train(stats: dict, optimizer, env: DistEnv) -> dict:
-    """One host sync (and one all-reduce) for an epoch's training statistics."""
+def _sync_train(stats: dict, agd, env: DistEnv) -> dict:
+    """One host sync (and one all-reduce) for an epoch's training statistics; ``agd``: the AGD
+    that stepped (agd_of), whose eta and skipped steps are reported, or None."""
     device = stats["loss_sum"].device
     totals = torch.stack([stats["loss_sum"].double(), stats["correct"].double(),
                           torch.tensor(float(stats["count"]), dtype=torch.float64, device=device)])
     env.all_reduce_sum(totals)
     parts = [totals]
     if "eta_sum" in stats:  # eta is the same on every rank: it comes from the averaged gradients
-        skipped = getattr(optimizer, "skipped_steps", None)
-        skipped = torch.zeros((), device=device) if skipped is None else skipped
+        skipped = agd.skipped_steps
         parts.append(torch.stack([stats["eta_sum"].double(), stats["eta_min"].double(),
                                   stats["eta_max"].double(), skipped.double()]))
     values = torch.cat(parts).tolist()
@@ -185,8 +190,9 @@ def run(args: argparse.Namespace) -> int:
             time.sleep(QUIET_RANK_WAIT_S)
             return 2
         raise
-    env = DistEnv.create(cpu=config["cpu"], distribute=config["distribute"], fsdp=config["fsdp"])
+    env = DistEnv.create(cpu=config.cpu, distribute=config.distribute, fsdp=config.fsdp)
     try:
+        config = _with_places(config, env)
         code = _train(config, resuming, env)
         if code == 0:
             # Leave together: a rank that tears down its process group while another still
@@ -198,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
         message = collective_failure(exc, env.rank, env.world_size) if env.distributed else None
         if message is None:
             raise
-        print(f"agd: error: {message}; continue with --out {config['out']} --resume", file=sys.stderr, flush=True)
+        print(f"agd: error: {message}; continue with --out {config.out} --resume", file=sys.stderr, flush=True)
         # Leave at once, without tearing down the process group: its other pending collectives
         # wait on the lost peer too, and one timing out later in a gloo thread aborts the process
         # (SIGABRT instead of this exit code). Every file of the run is already complete on disk.
@@ -208,53 +214,61 @@ def run(args: argparse.Namespace) -> int:
         env.close()
 
 
-def _train(config: dict, resuming: bool, env: DistEnv) -> int:
-    if config["data_dir"] is None:
-        config["data_dir"] = str(default_data_dir())
-    if config["out"] is None:
-        config["out"] = env.broadcast_object(default_out(config) if env.is_master else None)
-    out = Path(config["out"])
+def _with_places(config: TrainConfig, env: DistEnv) -> TrainConfig:
+    """``config`` with its data dir and run directory filled in where the flags left them out
+    (config.json records them so); every rank gets rank 0's run directory name."""
+    data_dir = config.data_dir if config.data_dir is not None else str(default_data_dir())
+    out = config.out
+    if out is None:
+        out = env.broadcast_object(default_out(config) if env.is_master else None)
+    return dataclasses.replace(config, data_dir=data_dir, out=out)
+
+
+def _build(config: TrainConfig, env: DistEnv):
+    """The model, on env.device (sharded under --fsdp), and its optimizer."""
+    info = DATASETS[config.dataset]
+    # The weights are drawn on the CPU from the seed, whole, so a run starts from the same weights
+    # on any device, on every rank and with or without --fsdp.
+    torch.manual_seed(config.seed)
+    model = build_model(config.arch, info, depth=config.depth, width=config.width)
+    init_weights(config.optimizer, model)
+    model.to(env.device)
+    if config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
+        fsdp.shard_model(model, env)
+    optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
+                                momentum=config.momentum, nesterov=config.nesterov, init=False)
+    return model, optimizer
+
+
+def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
+    out = Path(config.out)
     if not resuming:
         _check_new_run_dir(out)
-    info = DATASETS[config["dataset"]]
-
-    # The weights are drawn on the CPU from the seed, so a run starts from the same weights
-    # on any device and on every rank; module.to() keeps the Parameter objects the optimizer holds.
-    torch.manual_seed(config["seed"])
-    model = build_model(config["arch"], info, depth=config["depth"], width=config["width"])
-    options = dict(lr=config["lr"], gain=config["gain"], depth=config["agd_depth"], momentum=config["momentum"],
-                   momentum_form=config["momentum_form"])
-    optimizer = build_optimizer(config["optimizer"], model, **options)
-    model.to(env.device)
-    if config["fsdp"]:  # sharding replaces the parameters: the optimizer is built on the shards
-        # with the L found on the unsharded model: fully_shard renames the classes of the blocks
-        # whose residual branches AGD counts (FSDPTransformerEncoderLayer)
-        options["depth"] = getattr(optimizer, "depth", options["depth"])
-        fsdp.shard_model(model, env)
-        optimizer = build_optimizer(config["optimizer"], model, **options, init=False)
+    model, optimizer = _build(config, env)
+    agd = agd_of(optimizer)
 
     # One process per machine downloads (the data dir may be local to each node); the others
     # then find the files in place.
     if env.local_rank == 0:
-        data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
+        data = load_data(config.dataset, config.data_dir, env.device, workers=config.workers)
     env.barrier()
     if env.local_rank != 0:
-        data = load_data(config["dataset"], config["data_dir"], env.device, workers=config["workers"])
+        data = load_data(config.dataset, config.data_dir, env.device, workers=config.workers)
     if env.is_master:
         print(f"data: {data.source}", flush=True)
 
-    data.train.check_batch_size(config["train_bs"], rank=env.rank, world_size=env.world_size,
+    data.train.check_batch_size(config.train_bs, rank=env.rank, world_size=env.world_size,
                                 name="--train_bs")  # before the run directory is written
     if env.is_master and not resuming:
         _start_run_dir(out, config, optimizer)
     history: list[dict] = []
     start = 0
-    checkpoint = fsdp.checkpoint_path(out, sharded=config["fsdp"], resuming=resuming)
+    checkpoint = fsdp.checkpoint_path(out, sharded=config.fsdp, resuming=resuming)
     have_checkpoint = resuming and checkpoint.exists()
     if env.broadcast_object(have_checkpoint) != have_checkpoint:  # every rank must resume from the same epoch
         raise UsageError(f"rank {env.rank} cannot see {checkpoint}, which rank 0 has: "
                          "--out must be a directory that every machine shares")
-    if have_checkpoint and config["fsdp"]:  # every rank reads the shards it holds now
+    if have_checkpoint and config.fsdp:  # every rank reads the shards it holds now
         state = fsdp.load_checkpoint(checkpoint, model=model, optimizer=optimizer)
     elif have_checkpoint:
         state = ckpt.load_checkpoint(checkpoint)
@@ -267,28 +281,28 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
             rundir.write_jsonl(out / rundir.METRICS, history)
 
     train_model = model
-    ddp = env.distributed and not config["fsdp"]
+    ddp = env.distributed and not config.fsdp
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if config["compile"]:
+    if config.compile:
         train_model = torch.compile(train_model)
     # Evaluation runs without DDP: ranks may hold different numbers of test batches.
-    eval_model = train_model if not ddp else (torch.compile(model) if config["compile"] else model)
+    eval_model = train_model if not ddp else (torch.compile(model) if config.compile else model)
 
-    loss_fn = LOSSES[config["loss"]]
+    loss_fn = LOSSES[config.loss]
     # A step budget is whole epochs and the first steps of one more.
-    per_epoch = data.train.num_batches(config["train_bs"], world_size=env.world_size)
-    epochs = config["epochs"] if config["steps"] is None else -(-config["steps"] // per_epoch)
+    per_epoch = data.train.num_batches(config.train_bs, world_size=env.world_size)
+    epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
     reporter = Reporter(env, epochs, start)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
     resumed = f"resuming at epoch {start + 1}: " if 0 < start < epochs else ""
     if start and start == epochs:
         resumed = f"already finished {epochs} epochs: "
-    reporter.line(f"{resumed}{config['arch']} on {config['dataset']} with {config['optimizer']}: {n_params:,} parameters "
-                  f"in {n_tensors} tensors, {env.world_size} x {env.device.type}{', FSDP' if config['fsdp'] else ''}; "
+    reporter.line(f"{resumed}{config.arch} on {config.dataset} with {config.optimizer}: {n_params:,} parameters "
+                  f"in {n_tensors} tensors, {env.world_size} x {env.device.type}{', FSDP' if config.fsdp else ''}; "
                   f"run directory {out}")
     skipped_before = sum(r["skipped_steps"] or 0 for r in history)
     epoch = start
@@ -296,27 +310,27 @@ def _train(config: dict, resuming: bool, env: DistEnv) -> int:
         for epoch in range(start, epochs):
             t0 = time.perf_counter()
             _switch(optimizer, "train")
-            batches = data.train.batches(config["train_bs"], epoch=epoch, seed=config["seed"],
+            batches = data.train.batches(config.train_bs, epoch=epoch, seed=config.seed,
                                          rank=env.rank, world_size=env.world_size)
-            n = per_epoch if config["steps"] is None else min(per_epoch, config["steps"] - epoch * per_epoch)
+            n = per_epoch if config.steps is None else min(per_epoch, config.steps - epoch * per_epoch)
             stats = train_epoch(train_model, optimizer,
                                 reporter.batches(itertools.islice(batches, n), n, epoch + 1),
-                                loss_fn=loss_fn, device=env.device, amp=config["amp"])
-            train = _sync_train(stats, optimizer, env)
+                                loss_fn=loss_fn, device=env.device, amp=config.amp)
+            train = _sync_train(stats, agd, env)
             t1 = time.perf_counter()
 
             _switch(optimizer, "eval")
             env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
-            test_batches = data.test.batches(config["test_bs"], rank=env.rank, world_size=env.world_size)
-            if config["fsdp"]:  # a sharded forward is a collective: as many on every rank
-                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config["test_bs"], env)
-            test = evaluate(eval_model, test_batches, loss_fn=loss_fn, device=env.device, amp=config["amp"])
+            test_batches = data.test.batches(config.test_bs, rank=env.rank, world_size=env.world_size)
+            if config.fsdp:  # a sharded forward is a collective: as many on every rank
+                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config.test_bs, env)
+            test = evaluate(eval_model, test_batches, loss_fn=loss_fn, device=env.device, amp=config.amp)
             test = env.all_reduce_sum(test).tolist()
             row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
             skipped_before += row["skipped_steps"] or 0
             history.append(row)
             # Checkpoint first: metrics.jsonl is rebuilt from it on resume.
-            if config["fsdp"]:  # every rank writes its own shards
+            if config.fsdp:  # every rank writes its own shards
                 fsdp.save_checkpoint(out, model=model, optimizer=optimizer, epoch=epoch + 1, metrics=history, env=env)
             elif env.is_master:
                 ckpt.save_checkpoint(out / rundir.CHECKPOINT, model=model, optimizer=optimizer,
