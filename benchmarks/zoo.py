@@ -60,7 +60,29 @@ def train(model, batch, loss_fn, opt, steps: int) -> tuple[list[float], float]:
 
 
 def kinds_of(model) -> dict[str, int]:
-    return dict(Counter({g["kind"]: len(g["params"]) for g in module_param_groups(model)}))
+    counts = Counter()
+    for group in module_param_groups(model):  # a kind has one group per conv_groups: add them up
+        counts[group["kind"]] += len(group["params"])
+    return dict(counts)
+
+
+def run_agd(model, twin, batch, loss_fn, steps: int, row: dict) -> None:
+    """init_weights_ + AGD(model) (a UsageError escapes: a refusal), then training; `twin`, a copy
+    of the model as built, trains with momentum 0.9 if given."""
+    row["kinds"] = kinds_of(model)
+    init_weights_(model, generator=torch.Generator().manual_seed(0))
+    opt = AGD(model)
+    row["depth"] = opt.depth
+    t = time.perf_counter()
+    losses, final = train(model, batch, loss_fn, opt, steps)
+    row["agd"] = {"initial": losses[0], "final": final, "losses": losses, "seconds": time.perf_counter() - t}
+    if twin is not None:
+        init_weights_(twin, generator=torch.Generator().manual_seed(0))
+        losses, final = train(twin, batch, loss_fn, AGD(twin, momentum=MOMENTUM), steps)
+        row["agd_momentum"] = {"initial": losses[0], "final": final, "losses": losses}
+    agd = row["agd"]
+    row["finite"] = all(math.isfinite(v) for v in agd["losses"] + [agd["final"]])
+    row["falling"] = row["finite"] and agd["final"] < agd["initial"]
 
 
 def run_entry(entry, steps: int, momentum: bool) -> dict:
@@ -73,30 +95,26 @@ def run_entry(entry, steps: int, momentum: bool) -> dict:
         row["params"] = sum(p.numel() for p in model.parameters())
         own = copy.deepcopy(model)  # the model's own init, for AdamW
         twin = copy.deepcopy(model) if momentum else None
+        spare = copy.deepcopy(model) if entry.override else None  # as built, for the override
         try:
-            row["kinds"] = kinds_of(model)
-            init_weights_(model, generator=torch.Generator().manual_seed(0))
-            opt = AGD(model)
+            run_agd(model, twin, batch, loss_fn, steps, row)
+            row["status"] = "accepted"
         except UsageError as e:
             row.update(status="refused", reason=one_line(e))
-            return row
-        row["status"] = "accepted"
-        row["depth"] = opt.depth
-        t = time.perf_counter()
-        losses, final = train(model, batch, loss_fn, opt, steps)
-        row["agd"] = {"initial": losses[0], "final": final, "losses": losses,
-                      "seconds": time.perf_counter() - t}
-        if twin is not None:
-            init_weights_(twin, generator=torch.Generator().manual_seed(0))
-            losses, final = train(twin, batch, loss_fn, AGD(twin, momentum=MOMENTUM), steps)
-            row["agd_momentum"] = {"initial": losses[0], "final": final, "losses": losses}
+            if entry.override is None:
+                return row
+            # the same run again with the user's override: does AGD then train it?
+            text, apply = entry.override
+            row["override"] = text
+            undo = apply()
+            try:
+                run_agd(spare, copy.deepcopy(spare) if momentum else None, batch, loss_fn, steps, row)
+            finally:
+                undo()
         t = time.perf_counter()
         losses, final = train(own, batch, loss_fn, torch.optim.AdamW(own.parameters(), **ADAMW), steps)
         row["adamw"] = {"initial": losses[0], "final": final, "losses": losses,
                         "seconds": time.perf_counter() - t}
-        agd = row["agd"]
-        row["finite"] = all(math.isfinite(v) for v in agd["losses"] + [agd["final"]])
-        row["falling"] = row["finite"] and agd["final"] < agd["initial"]
     except Exception as e:  # a crash is a row of the zoo, not the end of the run
         row.update(status="crashed", reason=f"{type(e).__name__}: {one_line(e)}")
     finally:
@@ -201,12 +219,17 @@ def table(rows: list[dict], momentum: bool, real: dict) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         kinds = ", ".join(f"{k} {n}" for k, n in r.get("kinds", {}).items())
+        status = "accepted"
         if r["status"] != "accepted":
-            cells = [r["name"], f"**{r['status']}**: {r.get('reason', '')}".replace("|", "\\|"), "", kinds]
-            cells += [""] * (len(head) - len(cells) - 1) + [fmt(r.get("seconds"), 1)]
+            status = f"**{r['status']}**: {r.get('reason', '')}"
+            if "override" in r:
+                status += f"<br>override: `{r['override']}`, which the numbers are with"
+            status = status.replace("|", "\\|")
+        if "agd" not in r or "adamw" not in r:  # refused with no override, or crashed
+            cells = [r["name"], status, "", kinds] + [""] * (len(head) - 5) + [fmt(r.get("seconds"), 1)]
         else:
             a, w = r["agd"], r["adamw"]
-            cells = [r["name"], "accepted", str(r["depth"]), kinds, fmt(a["initial"]), fmt(a["final"])]
+            cells = [r["name"], status, str(r["depth"]), kinds, fmt(a["initial"]), fmt(a["final"])]
             if momentum:
                 cells.append(fmt(r.get("agd_momentum", {}).get("final")))
             cells += [fmt(w["initial"]), fmt(w["final"]), "yes" if r["finite"] else "**no**",
@@ -218,9 +241,14 @@ def table(rows: list[dict], momentum: bool, real: dict) -> list[str]:
 def summary(rows: list[dict]) -> str:
     n = Counter(r["status"] for r in rows)
     acc = [r for r in rows if r["status"] == "accepted"]
-    return (f"{len(rows)} models: {n['accepted']} accepted with no override, {n['refused']} refused, "
+    fixed = [r for r in rows if r["status"] == "refused" and "agd" in r]
+    text = (f"{len(rows)} models: {n['accepted']} accepted with no override, {n['refused']} refused, "
             f"{n['crashed']} crashed; of the accepted, {sum(r['finite'] for r in acc)} finite and "
-            f"{sum(r['falling'] for r in acc)} with the loss falling over the run.")
+            f"{sum(r['falling'] for r in acc)} with the loss falling over the run")
+    if fixed:
+        text += (f"; of the refused, {len(fixed)} trained with an override, "
+                 f"{sum(r['finite'] and r['falling'] for r in fixed)} of them finite and falling")
+    return text + "."
 
 
 def page(rows: list[dict], args, real: dict, command: str) -> str:
