@@ -11,7 +11,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[dev,peers,integrations]"
+	$(BIN)/python -m pip install -q -e ".[dev,peers,integrations,models]"
 	touch $(STAMP)
 
 install: $(STAMP)
