@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 # The PyTorch pair this project is tested with (pip takes both from this machine's disk).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test train bench clean
+.PHONY: install test test-fast train bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -16,8 +16,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The full suite: what the README's test command and CI run.
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# For the edit loop: the tests not marked slow (slow: end-to-end training runs and launched
+# jobs), stopping at the first failure. Not a substitute for `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m 'not slow'
 
 # The main job: AGD on Fashion-MNIST with an 8-layer, 256-wide FCN, no learning rate to tune.
 # AGD_APT_INSTALL=1: when the files are neither in the data dir nor installed by Debian and no

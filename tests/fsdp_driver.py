@@ -179,7 +179,7 @@ def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts:
             for s in slices:
                 low.zero_grad()
                 loss(low(x[s].to(torch.bfloat16)), t[s]).backward()
-                for p, q in zip(ref.parameters(), low.parameters()):
+                for p, q in zip(ref.parameters(), low.parameters(), strict=True):
                     p.grad = q.grad.float() / world if p.grad is None else p.grad + q.grad.float() / world
         ref_opt.step()
         ref_etas.append(ref_opt.eta.item())

@@ -34,8 +34,9 @@ def moved_by(opt, params, seed):
     before = [p.detach().clone() for p in params]
     expected, _ = reference_step(before, [p.grad for p in params], depth=opt.depth)
     opt.step()
-    return ([torch.linalg.norm(p.detach() - b).item() for p, b in zip(params, before)],
-            [torch.linalg.norm(e - b.double()).item() for e, b in zip(expected, before)])
+    assert params  # a step of nothing moves nothing: the callers' loops would check nothing
+    return ([torch.linalg.norm(p.detach() - b).item() for p, b in zip(params, before, strict=True)],
+            [torch.linalg.norm(e - b.double()).item() for e, b in zip(expected, before, strict=True)])
 
 
 # ---------------------------------------------------------------- lr and the schedulers
@@ -78,7 +79,7 @@ def test_every_scheduler_drives_the_update_by_lr(name):
         lr = opt.param_groups[0]["lr"]
         seen.add(lr)
         moved, reference = moved_by(opt, params, seed=step)
-        for m, r in zip(moved, reference):  # the reference's move is for lr = 1
+        for m, r in zip(moved, reference, strict=True):  # the reference's move is for lr = 1
             assert m == pytest.approx(lr * r, rel=1e-5)
         scheduler.step(1.0) if name == "ReduceLROnPlateau" else scheduler.step()
     assert len(seen) > 1  # it did schedule something
@@ -90,7 +91,7 @@ def test_a_factor_of_one_half_halves_the_update():
     opt = AGD(model, depth="weights")
     lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=5)
     moved, reference = moved_by(opt, params, seed=0)
-    for m, r in zip(moved, reference):
+    for m, r in zip(moved, reference, strict=True):
         assert m == pytest.approx(0.5 * r, rel=1e-6)
 
 
@@ -101,7 +102,7 @@ def test_lr_and_gain_multiply_and_are_read_at_step_time():
     for step, (lr, gain) in enumerate([(0.25, 3.0), (2.0, 1.0), (0.1, 10.0)]):
         opt.param_groups[0].update(lr=lr, gain=gain)
         moved, reference = moved_by(opt, params, seed=step)
-        for m, r in zip(moved, reference):
+        for m, r in zip(moved, reference, strict=True):
             assert m == pytest.approx(lr * gain * r, rel=1e-6)
     assert len(opt._cache["plans"]) == 1  # neither lr nor gain is part of a cached layout
 
@@ -127,7 +128,7 @@ def test_a_tensor_lr_changes_without_recompiling_the_step(kind):
         expected, _ = reference_step(before, [p.grad for p in params], depth=opt.depth)
         step()
         frames.append(counter.frame_count)
-        for p, b, e in zip(params, before, expected):
+        for p, b, e in zip(params, before, expected, strict=True):
             torch.testing.assert_close(p.detach().double() - b.double(), value * (e - b.double()), rtol=1e-5, atol=1e-7)
     # the first step creates eta and the counters, so the second is compiled anew; after that the
     # lr is an input of the graph (a tensor; a float is not specialised either)
@@ -166,7 +167,7 @@ def test_state_dict_round_trip_through_weights_only_load():
     for m, o in ((a, opt_a), (b, opt_b)):
         set_grads(m.parameters(), 1)
         o.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
     assert torch.equal(opt_a.eta, opt_b.eta)
 
@@ -181,7 +182,8 @@ def test_copies_step_like_the_original(how):
     for o in (opt, copied):
         set_grads([p for g in o.param_groups for p in g["params"]], 1)
         o.step()
-    for p, q in zip((p for g in opt.param_groups for p in g["params"]), (p for g in copied.param_groups for p in g["params"])):
+    for p, q in zip((p for g in opt.param_groups for p in g["params"]),
+                    (p for g in copied.param_groups for p in g["params"]), strict=True):
         assert torch.equal(p, q)
     assert copied.steps.item() == 2
 
@@ -211,7 +213,7 @@ def test_distributed_checkpoint_round_trip(tmp_path):
     for m, o in ((a, opt_a), (b, opt_b)):
         set_grads(m.parameters(), 1)
         o.step()
-    for p, q in zip(a.parameters(), b.parameters()):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -226,7 +228,7 @@ def test_maximize_ascends_by_the_same_step():
     start = [p.detach().clone() for p in up.parameters()]
     opt_up.step()
     opt_down.step()
-    for s, u, d in zip(start, up.parameters(), down.parameters()):
+    for s, u, d in zip(start, up.parameters(), down.parameters(), strict=True):
         torch.testing.assert_close(u - s, -(d - s))
         assert not torch.equal(u, s)
 

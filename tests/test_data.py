@@ -243,7 +243,8 @@ def test_agd_train_prints_the_data_line_and_never_swaps_a_named_dir(tmp_path, mo
     assert main([*flags, "--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run2")]) == 2
     captured = capsys.readouterr()
     *tries, error = captured.err.splitlines()  # "downloading URL -> file" lines, then one error line
-    assert all(t.startswith("downloading http://127.0.0.1:9/") for t in tries) and "Traceback" not in captured.err
+    assert tries and all(t.startswith("downloading http://127.0.0.1:9/") for t in tries)
+    assert "Traceback" not in captured.err
     assert error.startswith("agd: error: fashion-mnist: download failed") and "leave --data-dir out" in error
     assert str(tmp_path / "empty" / "fashion-mnist") in error and "data: " not in captured.out
 
@@ -633,7 +634,7 @@ def test_train_batches_are_deterministic_per_seed_and_epoch():
     s = _split(50)
     a, b = _all(s, 8, epoch=3, seed=1), _all(s, 8, epoch=3, seed=1)
     assert len(a) == 6 == s.num_batches(8)  # 50 // 8: the partial batch is dropped
-    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b))
+    assert all(torch.equal(x1, x2) and torch.equal(y1, y2) for (x1, y1), (x2, y2) in zip(a, b, strict=True))
     for other in (_all(s, 8, epoch=4, seed=1), _all(s, 8, epoch=3, seed=2)):
         assert not torch.equal(torch.cat([y for _, y in a]), torch.cat([y for _, y in other]))
     seen = torch.cat([y for _, y in a])
@@ -710,7 +711,7 @@ def test_train_augmentation_draws_every_crop_and_both_flips():
     shifts, flips = set(), []
     for x, y in s.batches(100, seed=4):
         raw = _denormalise(s, x)
-        for img, i in zip(raw, y.tolist()):
+        for img, i in zip(raw, y.tolist(), strict=True):
             matches = [(dy, dx, f) for dy in range(9) for dx in range(9) for f in (False, True)
                        if torch.equal(img, padded[i, :, dy:dy + 10, dx:dx + 10].flip(-1)
                                       if f else padded[i, :, dy:dy + 10, dx:dx + 10])]
@@ -733,8 +734,9 @@ def test_cuda_batches_equal_cpu_batches():
     cuda = TensorSplit(cpu.images, cpu.labels, MEAN, STD, train=True, augment=True,
                        device="cuda")
     assert cuda.images.is_cuda and cuda.images.dtype == torch.uint8
-    for (x, y), (xc, yc) in zip(cpu.batches(64, epoch=1, seed=3),
-                                cuda.batches(64, epoch=1, seed=3), strict=True):
+    pairs = list(zip(cpu.batches(64, epoch=1, seed=3), cuda.batches(64, epoch=1, seed=3), strict=True))
+    assert len(pairs) == cpu.num_batches(64) == 4  # 300 // 64
+    for (x, y), (xc, yc) in pairs:
         assert xc.is_cuda and yc.is_cuda
         assert torch.equal(xc.cpu(), x) and torch.equal(yc.cpu(), y)
 
@@ -769,7 +771,7 @@ def test_imagenet_tree_loads_and_batches(tiny_imagenet):
     assert torch.allclose(test[0][0][0], ref, atol=1e-5)
     # Same seed and epoch, same shuffle; world_size 2: disjoint halves of the test set.
     again = list(data.train.batches(5, epoch=0, seed=0))
-    assert all(torch.equal(a[1], b[1]) for a, b in zip(train, again))
+    assert all(torch.equal(a[1], b[1]) for a, b in zip(train, again, strict=True))
     halves = [torch.cat([y for _, y in data.test.batches(4, rank=r, world_size=2)])
               for r in (0, 1)]
     assert torch.equal(torch.cat(halves), torch.tensor([0, 0, 1, 1, 2, 2]))
@@ -790,7 +792,9 @@ def test_imagenet_found_through_env_or_explained(tiny_imagenet, tmp_path, monkey
 def test_imagenet_worker_processes_yield_the_same_test_batches(tiny_imagenet):
     data = load_data("imagenet", tiny_imagenet, workers=0)
     pooled = load_data("imagenet", tiny_imagenet, workers=2)
-    for (x0, y0), (x2, y2) in zip(data.test.batches(4), pooled.test.batches(4), strict=True):
+    pairs = list(zip(data.test.batches(4), pooled.test.batches(4), strict=True))
+    assert len(pairs) == 2  # 6 images in batches of 4
+    for (x0, y0), (x2, y2) in pairs:
         assert torch.equal(x0, x2) and torch.equal(y0, y2)
 
 

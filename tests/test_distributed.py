@@ -258,6 +258,7 @@ def test_two_ranks_match_one_process_weights_eta_and_accuracy(runs):
     assert bitwise_equal(_dump(runs["dump2"], 0, 0)["model"], _dump(runs["dump1"], 0, 0)["model"])
     for epoch in range(1, EPOCHS + 1):
         two, one = _dump(runs["dump2"], 0, epoch)["model"], _dump(runs["dump1"], 0, epoch)["model"]
+        assert one and two.keys() == one.keys(), epoch
         for name in one:
             err = (two[name] - one[name]).norm() / one[name].norm()
             assert err <= 1e-5, (epoch, name, err.item())
@@ -268,7 +269,7 @@ def test_two_ranks_match_one_process_weights_eta_and_accuracy(runs):
 
     rows2, rows1 = metrics_rows(runs["two"]), metrics_rows(runs["one"])
     assert [r["epoch"] for r in rows2] == [r["epoch"] for r in rows1] == list(range(1, EPOCHS + 1))
-    for r2, r1 in zip(rows2, rows1):
+    for r2, r1 in zip(rows2, rows1, strict=True):
         for key in ("eta_mean", "eta_min", "eta_max", "train_loss", "test_loss"):
             assert _rel(r2[key], r1[key]) <= 1e-5, (r2["epoch"], key, r2[key], r1[key])
         assert r2["skipped_steps"] == r1["skipped_steps"] == 0
@@ -292,6 +293,7 @@ def test_momentum_under_ddp_matches_one_process(tmp_path, one_thread):
     _, stderr = _finish(proc)
     assert proc.returncode == 0, stderr
     a, b = (torch.load(d / rundir.CHECKPOINT, weights_only=True) for d in (two, one))
+    assert b["model"] and a["model"].keys() == b["model"].keys()
     for name in b["model"]:
         assert _rel_norm(a["model"][name], b["model"][name]) <= 1e-5, name
     buffers = [(i, s["momentum_buffer"]) for i, s in b["optimizer"]["state"].items() if "momentum_buffer" in s]

@@ -58,6 +58,9 @@ def stepped(tmp_path_factory) -> dict:
     assert result.returncode == 0, result.stderr[-5000:]
     results = json.loads(out.read_text())
     assert results["world_size"] == 2
+    # every case, from both ranks: the tests below loop over these and must never loop over nothing
+    assert sorted(results["cases"]) == sorted([*CASES, *fsdp_driver.LOCKSTEP])
+    assert all(len(ranks) == 2 for ranks in results["cases"].values())
     return results["cases"]
 
 
@@ -65,7 +68,9 @@ def stepped(tmp_path_factory) -> dict:
 @pytest.mark.parametrize("case", CASES)
 def test_sharded_weights_match_one_process_after_15_steps(stepped, case):
     hsdp = fsdp_driver.CASES[case].get("hsdp")
+    names = {name for name, _ in fsdp_driver.MODELS[fsdp_driver.CASES[case]["model"]][0]().named_parameters()}
     for rank, seen in enumerate(stepped[case]):
+        assert names and set(seen["errors"]) == set(seen["moved"]) == set(seen["shapes"]) == names, rank
         for name, err in seen["errors"].items():
             assert err <= 1e-5, (rank, name, err)
             assert seen["moved"][name] > 1e-3, (rank, name)  # trained, not two copies of the start
@@ -90,7 +95,7 @@ def test_eta_is_the_same_on_every_rank_and_matches_one_process(stepped, case):
     first, second = stepped[case]
     assert len(first["etas"]) == fsdp_driver.STEPS
     assert first["etas"] == second["etas"]  # bit for bit: one all-reduce completes every norm alike
-    for eta, ref in zip(first["etas"], first["ref_etas"]):
+    for eta, ref in zip(first["etas"], first["ref_etas"], strict=True):
         assert eta > 0.01 and abs(eta - ref) <= 1e-6, (eta, ref)
 
 
@@ -101,6 +106,7 @@ def test_a_step_sends_one_all_reduce_of_the_squared_block_norms_and_gathers_noth
     # With momentum the norms of the buffers travel too, in the same call.
     entries = BLOCKS[spec["model"]] * (2 if spec.get("momentum") else 1)
     for seen in stepped[case]:
+        assert len(seen["collectives"]) == fsdp_driver.STEPS
         for step, calls in enumerate(seen["collectives"]):
             assert calls == [["c10d.allreduce_.default", [[[entries], "torch.float32"]]]], (step, calls)
 
@@ -122,9 +128,10 @@ def test_mixed_precision_computes_in_bf16_and_agd_updates_the_float32_shards(ste
     # updates, ~1e-3, would round away) and float32 compute (its eta differs, below).
     for seen in stepped["mlp-bf16"]:
         assert seen["grad_dtypes"] == ["torch.float32"]
-        assert all(s["dtype"] == s["local_dtype"] == "torch.float32" for s in seen["shapes"].values())
+        shapes = seen["shapes"].values()
+        assert shapes and all(s["dtype"] == s["local_dtype"] == "torch.float32" for s in shapes)
     bf16, fp32 = stepped["mlp-bf16"][0]["etas"], stepped["mlp"][0]["etas"]
-    assert max(abs(a - b) for a, b in zip(bf16, fp32)) > 1e-4
+    assert max(abs(a - b) for a, b in zip(bf16, fp32, strict=True)) > 1e-4
 
 
 @pytest.mark.slow
@@ -340,7 +347,7 @@ def fsdp_runs(tmp_path_factory, one_thread):
 def test_fsdp_training_matches_one_process(fsdp_runs):
     sharded = fsdp_runs["whole"]
     alone = torch.load(fsdp_runs["one"] / rundir.CHECKPOINT, weights_only=True)
-    assert sharded["model"].keys() == alone["model"].keys()
+    assert alone["model"] and sharded["model"].keys() == alone["model"].keys()
     for name, weight in alone["model"].items():
         assert (sharded["model"][name] - weight).norm() / weight.norm() <= 1e-5, name
     state = next(iter(sharded["optimizer"]["state"].values()))
@@ -348,7 +355,7 @@ def test_fsdp_training_matches_one_process(fsdp_runs):
     assert _rel(state["eta"].item(), alone["optimizer"]["state"][0]["eta"].item()) <= 1e-5
     rows2, rows1 = metrics_rows(fsdp_runs["two"]), metrics_rows(fsdp_runs["one"])
     assert [r["epoch"] for r in rows2] == list(range(1, EPOCHS + 1))
-    for r2, r1 in zip(rows2, rows1):
+    for r2, r1 in zip(rows2, rows1, strict=True):
         for key in ("eta_mean", "eta_min", "eta_max", "train_loss", "test_loss"):
             assert _rel(r2[key], r1[key]) <= 1e-5, (r2["epoch"], key, r2[key], r1[key])
         assert abs(r2["test_acc"] - r1["test_acc"]) * N_TEST <= 5  # near-ties may flip (test_distributed.py)
@@ -416,11 +423,12 @@ def test_an_fsdp_run_from_2_ranks_resumes_on_1(fsdp_runs, resumed):
     assert "1 x cpu, FSDP" in resumed["stdout_one"]
     a = _consolidated(resumed["onto_one"] / rundir.CHECKPOINT_DIR, resumed["tmp"])
     b = fsdp_runs["whole"]
+    assert b["model"] and a["model"].keys() == b["model"].keys()
     for name, weight in b["model"].items():
         assert (a["model"][name] - weight).norm() / weight.norm() <= 1e-5, name
     rows1, rows2 = metrics_rows(resumed["onto_one"]), metrics_rows(fsdp_runs["two"])
     assert _untimed(rows1[:resumed["epoch"]]) == _untimed(rows2[:resumed["epoch"]])  # from the checkpoint
-    for r1, r2 in zip(rows1, rows2):
+    for r1, r2 in zip(rows1, rows2, strict=True):
         for key in ("eta_mean", "train_loss", "test_loss"):
             assert _rel(r1[key], r2[key]) <= 1e-5, (r1["epoch"], key)
 
@@ -472,6 +480,7 @@ def test_fsdp_with_amp_on_one_process_trains_as_amp_without_it(tmp_path, monkeyp
     assert not dist.is_initialized()
     sharded = _consolidated(tmp_path / "fsdp" / rundir.CHECKPOINT_DIR, tmp_path)["model"]
     alone = torch.load(tmp_path / "amp" / rundir.CHECKPOINT, weights_only=True)["model"]
+    assert alone and sharded.keys() == alone.keys()
     for name, weight in alone.items():
         assert sharded[name].dtype == torch.float32
         assert (sharded[name] - weight).norm() / weight.norm() <= 1e-5, name

@@ -72,7 +72,7 @@ def hand_loop(model, batches, lrs, loss=mse, accumulate=1):
 
 
 def assert_same_weights(a, b):
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
@@ -180,7 +180,7 @@ def test_lightning_checkpoint_resumes_as_if_never_stopped(tmp_path):
     opt = lightning_fit(resumed, tmp_path / "resumed", 2, ckpt_path=tmp_path / "epoch1.ckpt").optimizers[0]
 
     assert opt.steps.item() == 8 and opt.param_groups[0]["lr"] == pytest.approx(schedule(8))
-    for p, q in zip(whole.net.parameters(), resumed.net.parameters()):
+    for p, q in zip(whole.net.parameters(), resumed.net.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -289,7 +289,7 @@ def test_grad_scaler_unscales_before_agd_steps(autocast):
     # fp16 gradients of the unscaled loss lose low bits that the scaled ones keep
     tol = 0 if autocast is None else 1e-5
     torch.testing.assert_close(opt.eta, plain_opt.eta, rtol=tol, atol=tol)
-    for p, q in zip(model.parameters(), plain.parameters()):
+    for p, q in zip(model.parameters(), plain.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=tol)
 
 
@@ -309,7 +309,7 @@ def test_grad_scaler_skips_agd_on_an_inf_gradient():
     # the scaler skipped the step itself: AGD was not called, so it counted neither a step nor a skip
     assert opt.steps.item() == 1 and opt.skipped_steps.item() == 0
     assert scaler.get_scale() == 2.0 ** 11
-    for p, b in zip(model.parameters(), before):
+    for p, b in zip(model.parameters(), before, strict=True):
         assert torch.equal(p, b)
 
 
@@ -352,7 +352,7 @@ def test_compiled_training_step_matches_eager(fullgraph):
     torch._dynamo.reset()
     assert compiled_opt.steps.item() == 5 and compiled_opt.param_groups[0]["lr"] == eager_opt.param_groups[0]["lr"]
     torch.testing.assert_close(compiled_opt.eta, eager_opt.eta, rtol=1e-6, atol=0)
-    for p, q in zip(compiled_net.parameters(), eager_net.parameters()):
+    for p, q in zip(compiled_net.parameters(), eager_net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
     # the first step creates eta and the counters, so the second compiles anew; a changing lr does not
     assert frames[1] == frames[-1]

@@ -30,10 +30,10 @@ def test_momentum_takes_the_literal_steps(nesterov, foreach):
     ws = [w.clone().requires_grad_() for w in start]
     opt = AGD(ws, momentum=0.9, nesterov=nesterov, foreach=foreach)
     for grads in steps:
-        for w, g in zip(ws, grads):
+        for w, g in zip(ws, grads, strict=True):
             w.grad = g.clone()
         opt.step()
-    for w, e in zip(ws, expected):
+    for w, e in zip(ws, expected, strict=True):
         torch.testing.assert_close(w.detach(), e, rtol=1e-12, atol=1e-12)
     # and it is not the plain rule: the reference without momentum lands elsewhere
     plain = reference_momentum_steps(start, steps, 0.0)
@@ -62,13 +62,13 @@ def test_a_skipped_step_leaves_the_weights_and_clears_the_buffers(foreach, maske
     ws = [w.clone().requires_grad_() for w in start]
     opt = AGD(ws, momentum=0.5, foreach=foreach)
     for i, grads in enumerate(steps):
-        for w, g in zip(ws, grads):
+        for w, g in zip(ws, grads, strict=True):
             w.grad = g.clone()
         opt.step()
         if i == 1:
             assert all(torch.equal(opt.state[w]["momentum_buffer"], torch.zeros_like(w)) for w in ws)
     assert opt.skipped_steps.item() == 1
-    for w, e in zip(ws, expected):
+    for w, e in zip(ws, expected, strict=True):
         torch.testing.assert_close(w.detach(), e, rtol=1e-12, atol=1e-12)
 
 
@@ -85,20 +85,20 @@ def test_one_cycle_drives_the_momentum():
     for grads in steps:
         lr, beta = opt.param_groups[0]["lr"], opt.param_groups[0]["momentum"]
         betas.append(beta)
-        G = sum(s_of(w.shape) * torch.linalg.norm(g[idx]).item() for w, g in zip(w_ref, grads)
+        G = sum(s_of(w.shape) * torch.linalg.norm(g[idx]).item() for w, g in zip(w_ref, grads, strict=True)
                 for idx in submatrices(g)) / len(SHAPES)
         eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
-        bufs = [beta * m + g for m, g in zip(bufs, grads)]
-        for w, g, m in zip(w_ref, grads, bufs):
+        bufs = [beta * m + g for m, g in zip(bufs, grads, strict=True)]
+        for w, g, m in zip(w_ref, grads, bufs, strict=True):
             d = g + beta * m
             for idx in submatrices(d):
                 w[idx] -= lr * eta / len(SHAPES) * s_of(w.shape) * d[idx] / torch.linalg.norm(d[idx])
-        for w, g in zip(ws, grads):
+        for w, g in zip(ws, grads, strict=True):
             w.grad = g.clone()
         opt.step()
         scheduler.step()
     assert len(set(betas)) == 3  # it did change the momentum
-    for w, e in zip(ws, w_ref):
+    for w, e in zip(ws, w_ref, strict=True):
         torch.testing.assert_close(w.detach(), e, rtol=1e-10, atol=1e-12)
 
 
@@ -118,7 +118,7 @@ def test_momentum_step_compiles_fullgraph_and_matches_eager():
             net[0].weight.grad[0, 0, 0, 0] = twin[0].weight.grad[0, 0, 0, 0] = math.nan
         eager.step()
         step()
-    for p, q in zip(net.parameters(), twin.parameters()):
+    for p, q in zip(net.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert comp.skipped_steps.item() == 1
 
@@ -130,21 +130,21 @@ def test_buffers_survive_a_state_dict_round_trip():
     opt_a = AGD(a, momentum=0.9)
     steps = _grads(3)
     for grads in steps[:2]:
-        for w, g in zip(a, grads):
+        for w, g in zip(a, grads, strict=True):
             w.grad = g.float()
         opt_a.step()
     buf = io.BytesIO()
     torch.save(opt_a.state_dict(), buf)
     buf.seek(0)
     with torch.no_grad():
-        for x, y in zip(b, a):
+        for x, y in zip(b, a, strict=True):
             x.copy_(y)
     opt_b = AGD(b)
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
     assert opt_b.param_groups[0]["momentum"] == 0.9
     for ws, o in ((a, opt_a), (b, opt_b)):
-        for w, g in zip(ws, steps[2]):
+        for w, g in zip(ws, steps[2], strict=True):
             w.grad = g.float()
         o.step()
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert torch.equal(x, y)

@@ -23,7 +23,7 @@ FOREACH = [pytest.param(True, id="foreach"), pytest.param(False, id="loop")]
 @pytest.mark.parametrize("case", VECTORS, ids=[c["name"] for c in VECTORS])
 def test_shared_vectors(case, foreach):
     ws = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in case["weights"]]
-    for w, g in zip(ws, case["grads"]):
+    for w, g in zip(ws, case["grads"], strict=True):
         w.grad = torch.tensor(g, dtype=torch.float64)
     opt = AGD(ws, gain=case["gain"], depth=case["depth"], foreach=foreach)
     opt.step()
@@ -69,7 +69,7 @@ def test_fast_loop_and_literal_spec_agree_over_steps(name):
         expected, eta = reference_step(before, grads)
         assert opt_fast.eta.item() == pytest.approx(eta, rel=1e-5)
         assert opt_loop.eta.item() == pytest.approx(eta, rel=1e-5)
-        for p, q, e in zip(fast.parameters(), loop.parameters(), expected):
+        for p, q, e in zip(fast.parameters(), loop.parameters(), expected, strict=True):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
@@ -92,7 +92,7 @@ def test_each_submatrix_moves_by_gain_eta_over_L_times_s(shape_list, log_scale, 
     opt.step()
     L = len(ws)
     assert opt.eta.item() == pytest.approx(eta, rel=1e-9)
-    for w, b in zip(ws, before):
+    for w, b in zip(ws, before, strict=True):
         for idx in submatrices(w):
             moved = torch.linalg.norm(w.detach()[idx] - b[idx]).item()
             assert moved == pytest.approx(gain * eta / L * s_of(w.shape), rel=1e-9)
@@ -108,12 +108,12 @@ def test_update_direction_ignores_loss_scale(shape_list, factor, foreach, seed):
     grads = [torch.randn(s, dtype=torch.float64, generator=gen) for s in shape_list]
     for c in (1.0, factor):
         ws = [torch.zeros(s, dtype=torch.float64, requires_grad=True) for s in shape_list]
-        for w, g in zip(ws, grads):
+        for w, g in zip(ws, grads, strict=True):
             w.grad = g * c
         expected, _ = reference_step([w.detach() for w in ws], [g * c for g in grads])
         opt = AGD(ws, foreach=foreach)
         opt.step()
-        for w, e in zip(ws, expected):
+        for w, e in zip(ws, expected, strict=True):
             torch.testing.assert_close(w.detach(), e, rtol=1e-9, atol=1e-12)
 
 
@@ -176,7 +176,7 @@ def test_non_finite_gradient_leaves_every_weight_unchanged(bad, foreach, masked,
     good = [w.detach().clone() for w in ws]
     ws[1].grad[0, 1, 2, 2] = bad
     opt.step()
-    for w, g in zip(ws, good):
+    for w, g in zip(ws, good, strict=True):
         assert torch.equal(w.detach(), g)
     assert opt.skipped_steps.item() == 1 and opt.steps.item() == 2 and opt.eta.item() == 0.0
     ws[1].grad = torch.randn(ws[1].shape)
@@ -201,7 +201,7 @@ def test_half_precision_gradients_accumulate_in_float32(dtype, foreach):
     assert opt.eta.dtype == torch.float32
     assert opt.eta.item() == pytest.approx(eta, rel=1e-5)
     info = torch.finfo(dtype)  # half an ulp of rounding either side; fp16 subnormals have a fixed spacing
-    for w, e in zip(ws, expected):
+    for w, e in zip(ws, expected, strict=True):
         assert (e != 0).double().mean() > 0.99  # (nearly) every entry moves: unchanged weights fail below
         torch.testing.assert_close(w.detach().double(), e, rtol=info.eps, atol=info.tiny * info.eps)
 
@@ -229,11 +229,11 @@ def test_mixed_dtypes_take_the_reference_step(foreach):
     params = [w.clone().requires_grad_() for w in ws]
     opt = AGD(params, foreach=foreach)
     for _ in range(2):  # the second step reuses the cached layouts
-        for p, g in zip(params, gs):
+        for p, g in zip(params, gs, strict=True):
             p.grad = g.clone()
         opt.step()
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
-        for p, e in zip(params, expected):
+        for p, e in zip(params, expected, strict=True):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
         expected, eta = reference_step([p.detach() for p in params], gs)
 
@@ -271,7 +271,7 @@ def test_state_dict_round_trip_then_identical_steps():
         o.zero_grad()
         loss_of(n, x, y).backward()
         o.step()
-    for p, q in zip(net.parameters(), net2.parameters()):
+    for p, q in zip(net.parameters(), net2.parameters(), strict=True):
         assert torch.equal(p, q)
 
 
@@ -311,7 +311,7 @@ def test_step_compiles_fullgraph_and_matches_eager():
             comp_net[0].weight.grad[0, 0, 0, 0] = math.nan
         eager.step()
         compiled_step()
-    for p, q in zip(eager_net.parameters(), comp_net.parameters()):
+    for p, q in zip(eager_net.parameters(), comp_net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert comp.steps.item() == 3 and comp.skipped_steps.item() == 1
     torch.testing.assert_close(comp.eta, eager.eta)
@@ -343,12 +343,12 @@ def test_large_conv_weights_take_the_same_step(layout, masked, monkeypatch):
     expected, eta = reference_step(ws, gs, gain=2.0)
     for foreach in (True, False):
         params = [w.clone().requires_grad_() for w in ws]
-        for p, g in zip(params, gs):
+        for p, g in zip(params, gs, strict=True):
             p.grad = g.clone()
         opt = AGD(params, gain=2.0, foreach=foreach)
         opt.step()
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
-        for p, e in zip(params, expected):
+        for p, e in zip(params, expected, strict=True):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
 
 
@@ -396,14 +396,14 @@ def test_fast_path_follows_layout_changes_between_steps():
     for i, grads in enumerate(cases):
         if i == 4:
             opt.param_groups[0]["gain"] = 3.0
-        used = [(p, g) for p, g in zip(params, grads) if g is not None]
+        used = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
         expected, eta = reference_step([p for p, _ in used], [g for _, g in used],
                                        gain=opt.param_groups[0]["gain"], depth=len(params))
-        for p, g in zip(params, grads):
+        for p, g in zip(params, grads, strict=True):
             p.grad = None if g is None else g.clone()
         opt.step()
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6), f"step {i}"
-        for (p, _), e in zip(used, expected):
+        for (p, _), e in zip(used, expected, strict=True):
             torch.testing.assert_close(p.detach().double(), e, rtol=1e-5, atol=1e-6)
 
 
@@ -415,7 +415,7 @@ def test_cuda_step_never_syncs_and_matches_the_cpu():
     grads[0][:, :, 1, 1] = 0  # a zero slice on the device path too
     on_cpu = [w.clone().requires_grad_() for w in cpu]
     on_gpu = [w.cuda().requires_grad_() for w in cpu]
-    for a, b, g in zip(on_cpu, on_gpu, grads):
+    for a, b, g in zip(on_cpu, on_gpu, grads, strict=True):
         a.grad, b.grad = g.clone(), g.cuda()
     opt_cpu, opt_gpu = AGD(on_cpu), AGD(on_gpu)
     opt_cpu.step()
@@ -430,5 +430,5 @@ def test_cuda_step_never_syncs_and_matches_the_cpu():
         torch.cuda.set_sync_debug_mode("default")
     opt_cpu.step()
     assert opt_gpu.skipped_steps.item() == 1 and opt_gpu.steps.item() == 3
-    for a, b in zip(on_cpu, on_gpu):
+    for a, b in zip(on_cpu, on_gpu, strict=True):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-5, atol=1e-6)

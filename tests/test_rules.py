@@ -104,7 +104,7 @@ def test_each_rule_takes_the_literal_step(case, foreach):
     opt = AGD(model, lr=0.5, gain=5.0, depth=depth, foreach=foreach)
     opt.step()
     assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
-    for (name, p), e in zip(model.named_parameters(), expected):
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-12, atol=1e-12, msg=name)
 
 
@@ -316,5 +316,5 @@ def test_real_models_train_with_no_other_change(which):
     out.float().square().mean().backward()
     opt.step()
     assert torch.isfinite(opt.eta) and opt.eta.item() > 0
-    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before) if p.grad is not None]
-    assert all(moved) and all(torch.isfinite(p).all() for p in model.parameters())
+    moved = [not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True) if p.grad is not None]
+    assert len(moved) == len(before) and all(moved) and all(torch.isfinite(p).all() for p in model.parameters())

@@ -75,7 +75,7 @@ def test_baselines_keep_pytorchs_default_init_and_lr(name, cls, lr):
     model = _fcn(seed=1)
     opt = build_optimizer(name, model)
     assert isinstance(opt, cls) and opt.param_groups[0]["lr"] == lr
-    assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(reference, model.parameters(), strict=True))
     assert build_optimizer(name, _fcn(), lr=0.5).param_groups[0]["lr"] == 0.5
 
 
@@ -175,7 +175,7 @@ def test_train_epoch_accumulates_what_a_step_by_step_loop_sees():
     assert stats["eta_sum"].item() == pytest.approx(sum(etas), rel=1e-6)
     assert (stats["eta_min"].item(), stats["eta_max"].item()) == (min(etas), max(etas))
     assert len(set(etas)) > 1  # the min/max check means something
-    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), ref.parameters(), strict=True))
 
 
 def test_train_epoch_without_eta_and_evaluate_totals():

@@ -7,8 +7,6 @@ Nothing in it is written for AGD: it is the kind of model people have.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -34,6 +32,4 @@ class CharLM(nn.Module):
         t = idx.shape[1]
         x = self.embed(idx) + self.pos[:, :t]
         x = self.blocks(x, mask=self.mask[:t, :t], is_causal=True)
-        logits = self.head(self.ln(x))
-        # Tied, the head's rows are embedding vectors of norm ~sqrt(dim): scale the logits back.
-        return logits / math.sqrt(x.shape[-1]) if self.tied else logits
+        return self.head(self.ln(x))  # tied or not, the logits as GPT-2 computes them (AGD's tied rule)

@@ -81,10 +81,10 @@ def reference_blocks_step(values, grads, blocks, depth, mults=None):
     norms = []
     for pieces, _ in blocks:
         norms.append(math.sqrt(sum(float(_get(grads[i], idx).square().sum()) for i, idx in pieces)))
-    G = sum(s * n for (_, s), n in zip(blocks, norms)) / depth
+    G = sum(s * n for (_, s), n in zip(blocks, norms, strict=True)) / depth
     eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
     moves = [torch.zeros_like(v) for v in values]
-    for (pieces, s), n in zip(blocks, norms):
+    for (pieces, s), n in zip(blocks, norms, strict=True):
         if n == 0:
             continue
         for i, idx in pieces:
@@ -93,19 +93,19 @@ def reference_blocks_step(values, grads, blocks, depth, mults=None):
                 moves[i].view(-1)[idx[1]] += step
             else:
                 moves[i][idx] += step
-    return [v - m for v, m in zip(values, moves)], eta
+    return [v - m for v, m in zip(values, moves, strict=True)], eta
 
 
 def reference_step(weights, grads, gain=1.0, depth=None):
     """Return (new weights, eta) for one step of the paper's rule on (out, in, kernel...) weights."""
     L = len(weights) if depth is None else depth
     G = 0.0
-    for w, g in zip(weights, grads):
+    for w, g in zip(weights, grads, strict=True):
         G += s_of(w.shape) * sum(torch.linalg.norm(g[idx].double()).item() for idx in submatrices(g))
     G /= L
     eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
     new = []
-    for w, g in zip(weights, grads):
+    for w, g in zip(weights, grads, strict=True):
         w = w.detach().double().clone()
         for idx in submatrices(g):
             gm = g[idx].double()
@@ -126,15 +126,15 @@ def reference_momentum_steps(weights, grad_steps, momentum, nesterov=True, depth
     L = len(weights) if depth is None else depth
     for grads in grad_steps:
         grads = [g.double() for g in grads]
-        G = sum(s_of(w.shape) * torch.linalg.norm(g[idx]).item() for w, g in zip(weights, grads)
+        G = sum(s_of(w.shape) * torch.linalg.norm(g[idx]).item() for w, g in zip(weights, grads, strict=True)
                 for idx in submatrices(g)) / L
         if not math.isfinite(G):
             bufs = [torch.zeros_like(w) for w in weights]
             continue
         eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
-        bufs = [momentum * m + g for m, g in zip(bufs, grads)]
-        dirs = [g + momentum * m for g, m in zip(grads, bufs)] if nesterov else bufs
-        for w, d in zip(weights, dirs):
+        bufs = [momentum * m + g for m, g in zip(bufs, grads, strict=True)]
+        dirs = [g + momentum * m for g, m in zip(grads, bufs, strict=True)] if nesterov else bufs
+        for w, d in zip(weights, dirs, strict=True):
             for idx in submatrices(d):
                 norm = torch.linalg.norm(d[idx]).item()
                 if norm > 0:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from torch_agd.atomic import atomic_write_bytes
+from torch_agd.errors import UsageError
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
@@ -39,12 +40,18 @@ def read_json(path: str | os.PathLike) -> dict:
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """One object per line. A line that is not JSON is skipped: files written before every write
-    was atomic could end in a torn line, and the lines before it are still good."""
+    """One object per line. A last line that is not JSON is dropped: a run killed mid-write (files
+    written before every write was atomic) can end in a torn line, and the lines before it are
+    still good. Any other line that is not JSON is damage, not a torn end: a UsageError."""
+    lines = Path(path).read_text().splitlines()
     rows = []
-    for line in Path(path).read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except ValueError:
-            continue
+            if number == len(lines):
+                break
+            raise UsageError(f"{path}: line {number} of {len(lines)} is not JSON, and only a torn last line "
+                             f"may be; `agd train --out {Path(path).parent} --resume` rewrites the file from "
+                             f"the run's checkpoint") from None
     return rows
