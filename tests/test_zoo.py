@@ -132,5 +132,7 @@ def test_the_command_writes_the_page_and_keeps_other_rows(tmp_path):
     assert "| test_vit | **refused**: earlier |" in text
     assert "2 models: 1 accepted with no override, 1 refused, 0 crashed" in text
     assert "torch " + torch.__version__ in text
+    assert "- `python benchmarks/zoo.py --only '^test_convnext$' --steps 2 --no-momentum" in text
+    assert "- AGD's loss not falling: 0" in text
     rows = json.loads(cache.read_text())["rows"]
     assert set(rows) == {"test_vit", "test_convnext"} and rows["test_convnext"]["steps"] == 2
