@@ -209,7 +209,9 @@ def _text_task(entry):
 # ---------------------------------------------------------------- the page
 
 def fmt(v, digits=3):
-    return "—" if v is None else f"{v:.{digits}f}"
+    if v is None:
+        return "—"
+    return f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.3g}"  # a diverged loss stays readable
 
 
 def table(rows: list[dict], momentum: bool, real: dict) -> list[str]:
@@ -255,18 +257,25 @@ def summary(rows: list[dict]) -> str:
 BEHIND = 0.5  # nats: AGD's final loss this far above AdamW's is "far behind" on the page
 
 
+def _finite_falling(run: dict) -> bool:
+    values = run["losses"] + [run["final"]]
+    return all(math.isfinite(v) for v in values) and run["final"] < run["initial"]
+
+
 def standouts(rows: list[dict]) -> list[str]:
     """The rows a reader should look at: not finite, not falling, AGD far behind AdamW, slowest."""
     trained = [r for r in rows if "agd" in r and "adamw" in r]
     lines = []
-    for label, picked in (
-            ("AGD's loss not finite", [r for r in trained if not r["finite"]]),
-            ("AGD's loss not falling", [r for r in trained if r["finite"] and not r["falling"]]),
-            (f"AGD's final loss more than {BEHIND} above AdamW's",
+    for label, key, picked in (
+            ("AGD's loss not finite", "agd", [r for r in trained if not r["finite"]]),
+            ("AGD's loss not falling", "agd", [r for r in trained if r["finite"] and not r["falling"]]),
+            (f"AGD momentum={MOMENTUM}'s loss not finite or not falling", "agd_momentum",
+             [r for r in trained if "agd_momentum" in r and not _finite_falling(r["agd_momentum"])]),
+            (f"AGD's final loss more than {BEHIND} above AdamW's", "agd",
              [r for r in trained if r["finite"] and r["agd"]["final"] > r["adamw"]["final"] + BEHIND]),
-            ("crashed", [r for r in rows if r["status"] == "crashed"])):
-        names = ", ".join(f"{r['name']} ({fmt(r['agd']['final'])} vs {fmt(r['adamw']['final'])})"
-                          if "agd" in r else r["name"] for r in picked)
+            ("crashed", None, [r for r in rows if r["status"] == "crashed"])):
+        names = ", ".join(f"{r['name']} ({fmt(r[key]['final'])} vs {fmt(r['adamw']['final'])})"
+                          if key else r["name"] for r in picked)
         lines.append(f"- {label}: {len(picked)}" + (f": {names}" if picked else ""))
     slow = sorted((r for r in rows if "seconds" in r), key=lambda r: -r["seconds"])[:5]
     lines.append("- slowest rows: " + ", ".join(f"{r['name']} ({r['seconds']:.0f} s)" for r in slow))
@@ -303,7 +312,10 @@ def page(rows: list[dict], args, real: dict, commands: list[str]) -> str:
            f"*falling*: AGD's final loss below its initial one. *s*: seconds for the whole row (every optimizer).",
            "", "Refused: `init_weights_` or `AGD(model)` raised `torch_agd.UsageError` (the reason is its "
            "message). Crashed: any other exception (type and message).", "",
-           "What stands out (AGD final vs AdamW final in brackets):", ""] + standouts(rows) + [""]
+           "What stands out (AGD's final loss vs AdamW's in brackets). One batch of 8 is a memorisation "
+           "test: AdamW at lr 1e-3 drives most models to 0 within the run, while AGD's steps are "
+           "the paper's size at its default gain 1, so a gap here measures how fast each memorises one "
+           "batch; the real-data table below compares held-out losses.", ""] + standouts(rows) + [""]
     for library in ("timm", "transformers"):
         lib_rows = [r for r in rows if r["library"] == library]
         if lib_rows:
