@@ -43,7 +43,7 @@ def timm_model(name: str, info) -> nn.Module:
     try:  # one image through it now, rather than a traceback at the first step
         with torch.no_grad():
             model.eval()(torch.zeros(1, *info.in_shape))
-    except RuntimeError as exc:
+    except (RuntimeError, AssertionError, ValueError) as exc:  # what timm's layers raise for a bad size
         raise UsageError(f"timm's {name} does not take {info.name}'s {'x'.join(map(str, info.in_shape))} images "
                          f"({str(exc).splitlines()[0]}); pick a model that downsamples less") from None
     return model.train()
