@@ -57,10 +57,10 @@ def test_a_missing_library_names_the_extra(monkeypatch):
 @pytest.mark.parametrize("name", ["llama", "gpt2", "mixtral"])
 def test_an_hf_causal_lm_takes_width_depth_and_the_vocabulary(name):
     pytest.importorskip("transformers")
-    model = build_model(f"hf:{name}", TEXT, width=64, depth=2)
+    model = build_model(f"hf:{name}", TEXT, width=96, depth=2)
     hf = model.model
-    assert hf.config.vocab_size == 256 and hf.config.num_hidden_layers == 2 and hf.config.hidden_size == 64
-    assert hf.config.num_attention_heads == 2
+    assert hf.config.vocab_size == 256 and hf.config.num_hidden_layers == 2 and hf.config.hidden_size == 96
+    assert hf.config.num_attention_heads == 3
     assert model(torch.randint(0, 256, (3, 16))).shape == (3, 16, 256)
 
 
