@@ -12,9 +12,9 @@ small networks, a few epochs or steps, sized for a 2-core CPU):
 - peers: AGD vs Prodigy, D-Adaptation Adam, DoG, Schedule-Free AdamW and Adam over a few lrs
          (its best lr is "tuned Adam"), on one FCN;
 - batch-steps: the batch grid at equal steps: every batch size trains as many steps as the
-         batch-128 run of the batch grid (issue 13);
+         batch-128 run of the batch grid;
 - momentum: AGD with momentum 0 and 0.9 (Nesterov and heavy ball) against Adam over a few lrs, on
-         the paper's FCN at two budgets and on a small CNN (issue 13);
+         the paper's FCN at two budgets and on a small CNN;
 - models: AGD on models nobody here wrote (torchvision's ResNet-18 and ViT, a byte-level LM) against
          AdamW over a few lrs, Prodigy, Schedule-Free and the AGD+AdamW fallback, at equal steps;
          and the paper's ResNet-18 under both counts of AGD's depth L;
