@@ -33,7 +33,7 @@ def test_a_timm_model_takes_the_datasets_channels_classes_and_size():
 
 @pytest.mark.parametrize("arch, info, needle", [
     ("timm:resnet18", TEXT, "an image model; use --arch hf:NAME"),
-    ("hf:llama", IMAGES, "a causal LM for --dataset stdlib, text"),
+    ("hf:llama", IMAGES, "a causal LM for a text dataset; use --arch timm:NAME for fashion-mnist"),
     ("timm:no_such_model", IMAGES, "timm has no model 'no_such_model'"),
     ("hf:no_such_type", TEXT, "transformers has no model type 'no_such_type'"),
     ("hf:t5", TEXT, "not a causal LM"),

@@ -22,10 +22,17 @@ LIBRARIES = ("timm", "hf")
 
 _CIFAR = ("cifar10", "cifar100")
 _IMAGES = ("mnist", "fashion-mnist") + _CIFAR
-_TEXT = ("stdlib", "text")
-# arch -> datasets it is defined for (None: every image dataset).
+TEXT_ONLY = "text"
+# arch -> image datasets it is defined for (None: every image dataset), or TEXT_ONLY: any text
+# dataset (the data package lists those; a model knows text by its 1-D inputs, below).
 _DEFINED_FOR = {"fcn": None, "cnn": _IMAGES, "vgg": _CIFAR, "resnet18": _IMAGES, "resnet50": _CIFAR + ("imagenet",),
-                "tv-resnet18": _IMAGES + ("imagenet",), "tv-vit": _IMAGES, "charlm": _TEXT, "charlm-tied": _TEXT}
+                "tv-resnet18": _IMAGES + ("imagenet",), "tv-vit": _IMAGES, "charlm": TEXT_ONLY,
+                "charlm-tied": TEXT_ONLY}
+
+
+def _is_text(info) -> bool:
+    """Text datasets feed windows of bytes, (T,); image datasets (C, H, W)."""
+    return len(info.in_shape) == 1
 
 
 def check_arch(arch: str) -> None:
@@ -46,11 +53,12 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
     if library in LIBRARIES:
         return _library_model(library, name, info, depth=depth, width=width)
     datasets = _DEFINED_FOR[arch]
-    if datasets is None and info.name in _TEXT or datasets is not None and info.name not in datasets:
-        datasets = datasets or _IMAGES + ("imagenet",)
-        instead = "charlm" if info.name in _TEXT else "fcn"
-        raise UsageError(f"--arch {arch} is not defined for --dataset {info.name} (it takes "
-                         f"{', '.join(datasets)}); use --arch {instead} for {info.name}")
+    fits = _is_text(info) if datasets == TEXT_ONLY else not _is_text(info) and (datasets is None or info.name in datasets)
+    if not fits:
+        takes = ("a text dataset" if datasets == TEXT_ONLY else ", ".join(datasets or _IMAGES + ("imagenet",)))
+        instead = "charlm" if _is_text(info) else "fcn"
+        raise UsageError(f"--arch {arch} is not defined for --dataset {info.name} (it takes {takes}); "
+                         f"use --arch {instead} for {info.name}")
     if arch == "fcn":
         from torch_agd.models.fcn import FCN
 
@@ -90,14 +98,12 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
 def _library_model(library: str, name: str, info, *, depth: int, width: int) -> nn.Module:
     from torch_agd.models import libraries
 
-    text = info.name in _TEXT
     if library == "timm":
-        if text:
+        if _is_text(info):
             raise UsageError(f"--arch timm:{name} is an image model; use --arch hf:NAME for --dataset {info.name}")
         return libraries.timm_model(name, info)
-    if not text:
-        raise UsageError(f"--arch hf:{name} is a causal LM for --dataset {', '.join(_TEXT)}; use --arch timm:NAME "
-                         f"for {info.name}")
+    if not _is_text(info):
+        raise UsageError(f"--arch hf:{name} is a causal LM for a text dataset; use --arch timm:NAME for {info.name}")
     return libraries.hf_causal_lm(name, info, width=width, depth=depth)
 
 
