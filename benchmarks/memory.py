@@ -119,7 +119,7 @@ def _worker(rank: int, world_size: int, strategy: str, opts: dict, out: str) -> 
 
     from torch_agd.train import fsdp
     from torch_agd.train.dist import DistEnv
-    from torch_agd.train.optimizers import build_optimizer
+    from torch_agd.train.optimizers import build_optimizer, init_weights
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
@@ -129,7 +129,7 @@ def _worker(rank: int, world_size: int, strategy: str, opts: dict, out: str) -> 
         torch.manual_seed(0)
         model = build_model(opts)
         n_params = sum(p.numel() for p in model.parameters())
-        optimizer = build_optimizer(name, model)  # AGD draws the weights; Adam keeps torch's
+        init_weights(name, model)  # AGD draws the weights; Adam keeps torch's
         buckets, gathered = {}, {}
         if strategy == "ddp":
             net = DistributedDataParallel(model)
@@ -141,7 +141,6 @@ def _worker(rank: int, world_size: int, strategy: str, opts: dict, out: str) -> 
             net.register_comm_hook(None, record)
         else:
             fsdp.shard_model(model, env)
-            optimizer = build_optimizer(name, model, init=False)
             net = model
             for unit in fsdp.units(model):
                 def seen(module, args, output, _unit=unit):
@@ -151,6 +150,7 @@ def _worker(rank: int, world_size: int, strategy: str, opts: dict, out: str) -> 
 
                 # prepend: before FSDP2's own post-forward hook frees the gathered parameters
                 unit.register_forward_hook(seen, prepend=True)
+        optimizer = build_optimizer(name, model, init=False)  # once, on what the model now holds (shards under FSDP2)
         g = torch.Generator().manual_seed(1)
         local = opts["batch"] // world_size
         for _ in range(2):  # DDP rebuilds its buckets after the first step

@@ -94,8 +94,8 @@ CASES = {
     "conv-per-tensor": dict(model="conv", foreach=False),
     "mlp-bf16": dict(model="mlp", bf16=True),        # MixedPrecisionPolicy(bf16 params, fp32 reduce)
     "mlp-hsdp": dict(model="mlp", hsdp=True),        # a (replicate, shard) mesh of (2, 1): HSDP
-    # Sharded by torch_agd.train.fsdp.shard_model, with L found on the unsharded model, as the
-    # trainer does (AGD can infer another L on a sharded model: test_fsdp.py's xfail test).
+    # Sharded by torch_agd.train.fsdp.shard_model as the trainer shards it, with the L of the
+    # unsharded model given explicitly (the sharded model must infer the same).
     "tied-lm": dict(model="tied-lm", trainer_policy=True, depth_of_the_unsharded_model=True),
 }
 

@@ -55,7 +55,8 @@ def test_help_documents_every_flag(capsys):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--arch", "vgg", "--dataset", "mnist"], "--arch vgg is not defined for --dataset mnist"),
-    (["--arch", "transformer"], "invalid choice: 'transformer'"),
+    (["--arch", "transformer"], "unknown --arch 'transformer'; choose one of fcn"),
+    (["--arch", "timm:resnet18", "--dataset", "stdlib"], "--arch timm:resnet18 is an image model"),
     (["--epochs", "0"], "--epochs must be at least 1"),
     (["--train_bs", "0"], "--train_bs must be at least 1, got 0"),
     (["--test-bs", "-2"], "--test_bs must be at least 1, got -2"),

@@ -345,7 +345,7 @@ PINNED_ACC = {
 OLD_GRIDS = ("lr", "shape", "batch", "peers")  # pinned first; their configs are the flags alone
 # The grids added since, by grid: batch size holding up at equal steps; momentum winning in two
 # settings of three, AGD losing to tuned Adam in one (within the spread), tying and beating in
-# others, a diverged Adam; a vision model missing issue 10's target and one meeting it, the LM
+# others, a diverged Adam; a vision model missing the target and one meeting it, the LM
 # missing it while beating Prodigy (lower loss is better), a diverged peer, and both counts of L.
 # The LM's accuracies become validation losses (write_run: 0.4 + 1 - acc after two epochs).
 PINNED_MORE = {
@@ -368,13 +368,19 @@ PINNED_MORE = {
         "charlm-prodigy": 0.59, "charlm-schedulefree": None, "charlm-agd+adamw": 0.55,
         "resnet18-agd-L-weights": 0.70, "resnet18-agd-L-auto": 0.75,
     },
+    "libraries": {  # AGD misses the target on the timm model and meets it on the LM
+        "timm-resnet18-agd": 0.82, "timm-resnet18-agd-m0.9": 0.86, "timm-resnet18-adamw-lr3e-04": 0.84,
+        "timm-resnet18-adamw-lr1e-03": 0.85, "timm-resnet18-adamw-lr3e-03": 0.83,
+        "hf-llama-agd": 0.61, "hf-llama-agd-m0.9": 0.63, "hf-llama-adamw-lr1e-03": 0.60,
+        "hf-llama-adamw-lr3e-03": 0.62, "hf-llama-adamw-lr1e-02": 0.55,
+    },
 }
 # The L that AGD uses on each model (measured: AGD(model).depth), as the trainer records it.
 PINNED_L = {("tv-resnet18", "auto"): 10, ("tv-resnet18", "weights"): 21, ("tv-vit", "auto"): 10,
             ("tv-vit", "weights"): 18, ("charlm", "auto"): 10, ("charlm", "weights"): 18,
             ("resnet18", "auto"): 10, ("resnet18", "weights"): 21, ("fcn", "weights"): 8,
             ("cnn", "auto"): 4, ("tv-resnet18", "agd+adamw"): 21, ("tv-vit", "agd+adamw"): 18,
-            ("charlm", "agd+adamw"): 17}
+            ("charlm", "agd+adamw"): 17, ("timm:resnet18", "auto"): 10, ("hf:llama", "auto"): 10}
 
 
 def pinned_config(name: str, argv) -> dict:
@@ -416,7 +422,8 @@ def test_where_agd_loses_lists_the_findings_the_sections_state(tmp_path):
     sections = {g: results.RENDERERS[g](runs) for g, runs in results.read_grids(tmp_path).items()}
     worse = [(g, f.text) for g, section in sections.items() for f in section.findings if f.worse]
     assert [g for g, _ in worse] == ["lr", "lr", "shape", "batch", "peers", "peers", "momentum", "momentum",
-                                     "models", "models", "models", "models", "models", "models"]
+                                     "models", "models", "models", "models", "models", "models", "libraries",
+                                     "libraries"]
     assert worse[2][1] == "AGD did not train (test accuracy under twice chance) at: depth 16 width 32"
     peers = [f.text for f in sections["peers"].findings]
     assert peers[2:] == ["AGD ties with dadapt-adam (test accuracy 80.5%)",

@@ -1,4 +1,4 @@
-"""The batch-steps, momentum and models grids (issues 10 and 13): their runs, their sections of
+"""The batch-steps, momentum and models grids: their runs, their sections of
 the results page, and the depth L that the trainer records for them.
 
 Run directories are written by fakeruns (config.json as the trainer resolves it); nothing here
@@ -195,7 +195,7 @@ def test_batch_section_shows_equal_epochs_and_equal_steps_each_with_its_verdict(
         "As in the paper, at batch 4096 AGD's test accuracy is 0.5 points below its best "
         "(the paper's holds from 1024 to 4096)"]
     assert "Every run takes the same 1404 steps" in steps.text and "| batch size | epochs |" in steps.text
-    assert "Issue 13 says the paper's comparison is at equal steps; that is the issue's claim" in steps.text
+    assert "That the paper's comparison is at equal steps is a claim made here" in steps.text
     page = _page(tmp_path)
     batch = page.split("## Batch size under AGD (paper fig. 4)")[1].split("\n## ")[0]
     assert batch.index("same number of epochs") < batch.index("### Batch size at equal steps") \

@@ -12,12 +12,14 @@ small networks, a few epochs or steps, sized for a 2-core CPU):
 - peers: AGD vs Prodigy, D-Adaptation Adam, DoG, Schedule-Free AdamW and Adam over a few lrs
          (its best lr is "tuned Adam"), on one FCN;
 - batch-steps: the batch grid at equal steps: every batch size trains as many steps as the
-         batch-128 run of the batch grid (issue 13);
+         batch-128 run of the batch grid;
 - momentum: AGD with momentum 0 and 0.9 (Nesterov and heavy ball) against Adam over a few lrs, on
-         the paper's FCN at two budgets and on a small CNN (issue 13);
+         the paper's FCN at two budgets and on a small CNN;
 - models: AGD on models nobody here wrote (torchvision's ResNet-18 and ViT, a byte-level LM) against
          AdamW over a few lrs, Prodigy, Schedule-Free and the AGD+AdamW fallback, at equal steps;
-         and the paper's ResNet-18 under both counts of AGD's depth L (issue 10).
+         and the paper's ResNet-18 under both counts of AGD's depth L;
+- libraries: AGD(model) on a timm model and a transformers causal LM built by name (timm:resnet18,
+         hf:llama), at its defaults and with momentum, against AdamW over a few lrs, at equal steps.
 """
 
 from __future__ import annotations
@@ -224,11 +226,33 @@ def _models_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
             for model, base, configs in models for name, flags in configs.items()]
 
 
+# The libraries grid: models of the libraries people train with, built by name with random init,
+# each with AGD at its defaults and with momentum 0.9, and AdamW over lrs around its best
+# (--arch, is it a language model, AdamW's lrs).
+LIBRARY_MODELS = (("timm:resnet18", False, (3e-4, 1e-3, 3e-3)), ("hf:llama", True, (1e-3, 3e-3, 1e-2)))
+LIBRARY_CONFIGS = {"agd": ("--optimizer", "agd"), "agd-m0.9": ("--optimizer", "agd", "--momentum", "0.9")}
+
+
+def _libraries_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    """Per model, named ``<arch>-<config>`` (the arch's colon a dash): AGD's two configurations
+    and AdamW over the model's lrs, at the models grid's step budgets and batch sizes."""
+    _, text, text_bs = LANGUAGE_MODEL
+    test_bs = ("--test_bs", str(MODELS_TEST_BS))
+    specs = []
+    for arch, language, lrs in LIBRARY_MODELS:
+        base = (("--dataset", text, "--train_bs", str(text_bs), "--steps", str(s.lm_steps)) if language else
+                ("--dataset", dataset, "--train_bs", str(s.batch_size), "--steps", str(s.models_steps)))
+        configs = {**LIBRARY_CONFIGS, **{f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}") for lr in lrs}}
+        specs += [_flag_spec(f"{arch.replace(':', '-')}-{name}", seed, "--arch", arch, *base, "--loss", "xent",
+                             *test_bs, *flags) for name, flags in configs.items()]
+    return specs
+
+
 GRIDS: dict[str, Callable[[Scale, str, int], list[RunSpec]]] = {
     "lr": _lr_grid, "shape": _shape_grid, "batch": _batch_grid, "batch-steps": _batch_steps_grid,
-    "peers": _peers_grid, "momentum": _momentum_grid, "models": _models_grid,
+    "peers": _peers_grid, "momentum": _momentum_grid, "models": _models_grid, "libraries": _libraries_grid,
 }
-OWN_BUDGETS = ("momentum", "models")  # grids whose runs carry their own epochs or steps
+OWN_BUDGETS = ("momentum", "models", "libraries")  # grids whose runs carry their own epochs or steps
 
 
 def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | None = None,

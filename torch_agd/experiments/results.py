@@ -29,7 +29,7 @@ from torch_agd.experiments.runs import (SWEEP_MANIFEST, Run, final_stat, find_ru
                                         read_manifest, stat)
 from torch_agd.train import rundir
 
-GRID_ORDER = ("lr", "shape", "batch", "batch-steps", "peers", "momentum", "models")
+GRID_ORDER = ("lr", "shape", "batch", "batch-steps", "peers", "momentum", "models", "libraries")
 SUBSECTIONS = ("batch-steps",)  # rendered as a part (###) of the section before them
 
 # The paper's numbers (Bernstein et al. 2023, arXiv:2304.05187: figs. 2-4 and its CIFAR-10
@@ -43,12 +43,12 @@ PAPER_BATCH = {32: 55.0, 128: 58.0, 1024: 60.0, 4096: 59.8}  # 4-layer FCN, CIFA
 PAPER_PEERS = ("FCN depth 16 width 512 on CIFAR-10, batch 128: AGD 52.7% test accuracy vs Adam "
                "tuned over lr 1e-5..1e-1 53.5% (the paper compares no learning-rate-free peers)")
 # Which budget fig. 4 gave each batch size: not stated in the paper's text or caption, and the
-# published code has an epoch budget only. Issue 13 says it is equal steps; quoted as its claim.
+# published code has an epoch budget only. That it is equal steps is this project's reading.
 PAPER_BATCH_BUDGET = ("Which comparison did the paper make? Its fig. 4 caption gives the batch sizes and "
                       "final accuracies but not whether every batch size trained for the same number of "
                       "epochs or of steps, and the published code has only an epoch budget (`--epochs`). "
-                      "Issue 13 says the paper's comparison is at equal steps; that is the issue's claim, "
-                      "not something the paper states")
+                      "That the paper's comparison is at equal steps is a claim made here, not something "
+                      "the paper states")
 
 
 def _chance(runs: Sequence[Run]) -> float:
@@ -173,10 +173,11 @@ def render_peers(runs: Sequence[Run]) -> Section:
 
 
 SHORT = {"lr": "Learning rate", "shape": "Shape", "batch": "Batch size", "batch-steps": "Batch size at equal steps",
-         "peers": "Peers", "momentum": "Momentum", "models": "Models"}
+         "peers": "Peers", "momentum": "Momentum", "models": "Models", "libraries": "timm and transformers"}
 RENDERERS: dict[str, Callable[[Sequence[Run]], Section]] = {
     "lr": render_lr, "shape": render_shape, "batch": render_batch, "batch-steps": render_batch_steps,
     "peers": render_peers, "momentum": results_momentum.render_momentum, "models": results_models.render_models,
+    "libraries": results_models.render_libraries,
 }
 TITLES = {
     "lr": "Learning rate: Adam and SGD over lr beside AGD (paper fig. 2)",
@@ -186,9 +187,10 @@ TITLES = {
     "peers": "AGD vs learning-rate-free peers and tuned Adam",
     "momentum": "Momentum: AGD with momentum 0 and 0.9 against tuned Adam",
     "models": "AGD on models nobody here wrote, and the paper's ResNet-18 under both counts of L",
+    "libraries": "AGD(model) on a timm model and a transformers causal LM, built by name",
 }
 # Grids with a figure of their own (runs, title) -> Figure; the others get plot.py's six panels.
-FIGURES = {"momentum": results_momentum.figure, "models": results_models.figure}
+FIGURES = {"momentum": results_momentum.figure, "models": results_models.figure, "libraries": results_models.figure}
 
 
 def _setup(runs: Sequence[Run]) -> str:

@@ -1,7 +1,7 @@
-"""The models section of docs/results.md (issue 10), from ROOT/models (``agd sweep models``).
+"""The models section of docs/results.md, from ROOT/models (``agd sweep models``).
 
 Per model (config.json's arch): a table of every configuration tried at the model's step budget,
-with the depth L that AGD used (``agd_L``, recorded by the trainer), and findings: issue 10's
+with the depth L that AGD used (``agd_L``, recorded by the trainer), and findings: the
 target for AGD at its defaults against tuned AdamW (within 1 point of test accuracy on a vision
 model, within 2% of the validation loss on the language model), AGD against the AGD+AdamW
 fallback, Prodigy and Schedule-Free, and AGD's two counts of L against each other. On text the
@@ -22,7 +22,7 @@ from torch_agd.experiments.plot_panels import Panel, bars_figure
 from torch_agd.experiments.runs import Run, Stat, final_stat, group_runs, markdown_table
 from torch_agd.models import PAPER_ARCHS
 
-# Issue 10's targets: how far AGD at its defaults may be from tuned AdamW (points of accuracy;
+# The targets: how far AGD at its defaults may be from tuned AdamW (points of accuracy;
 # percent of the validation loss).
 TARGETS = {ACCURACY: (1.0, "1 point of test accuracy"), VALIDATION_LOSS: (2.0, "2% of the validation loss")}
 OTHERS = (("agd+adamw", "the AGD+AdamW fallback"), ("prodigy", "Prodigy"), ("schedulefree", "Schedule-Free AdamW"))
@@ -50,7 +50,7 @@ class Model:
 
 
 def _label(group: str, arch: str) -> str:
-    return group.removeprefix(f"{arch}-")
+    return group.removeprefix(f"{arch.replace(':', '-')}-")  # timm:resnet18's groups are timm-resnet18-...
 
 
 def models(runs: Sequence[Run]) -> list[Model]:
@@ -106,7 +106,7 @@ def _table(model: Model) -> str:
 
 
 def _target(model: Model, agd: list[Run]) -> Finding:
-    """AGD at its defaults against tuned AdamW, and whether that meets issue 10's target."""
+    """AGD at its defaults against tuned AdamW, and whether that meets the target."""
     tuned = model.groups[model.tuned]
     finding = compare(agd, tuned, "AGD", f"tuned AdamW (lr {tuned[0].param('lr'):g})", metric=model.metric)
     limit, words = TARGETS[model.metric]
@@ -145,7 +145,7 @@ def _findings(model: Model) -> list[Finding]:
     return [Finding(f.lead, f.worse, f.tail, topic=model.arch) for f in found]
 
 
-INTRO = ("Issue 10's targets: AGD at its defaults (gain 1, the default count of L) within 1 point of tuned "
+INTRO = ("The targets: AGD at its defaults (gain 1, the default count of L) within 1 point of tuned "
          "AdamW's test accuracy on both vision models, and within 2% of its validation loss on the language "
          "model. AdamW has weight decay 0.01; tuned AdamW is its best learning rate (highest mean test accuracy, "
          "or lowest mean validation loss). Every configuration of a model has the same step budget. L is the "
@@ -156,14 +156,26 @@ INTRO = ("Issue 10's targets: AGD at its defaults (gain 1, the default count of 
          "is the last table.")
 
 
-def render_models(runs: Sequence[Run]) -> Section:
-    section = Section([INTRO, ""])
+LIBRARIES_INTRO = ("Models of the libraries people train with, built by name with random weights (`--arch "
+                   "timm:NAME`, `--arch hf:NAME`) and trained by `AGD(model)` with no override: AGD at its "
+                   "defaults (`agd`: momentum 0, L counted along the residual path) and with momentum 0.9 "
+                   "(`agd-m0.9`), against AdamW (weight decay 0.01) over three learning rates around its best; "
+                   "tuned AdamW is the best of them. The targets are the models grid's: within 1 point of "
+                   "tuned AdamW's test accuracy on images, within 2% of its validation loss on text.")
+
+
+def render_models(runs: Sequence[Run], intro: str = INTRO) -> Section:
+    section = Section([intro, ""])
     for model in models(runs):
         section.lines += [f"### {model.title}", "", _table(model), ""]
         section.lines += [f"- {section.state(finding)}." for finding in _findings(model)]
         section.lines.append("")
     section.lines.pop()  # the blank line after the last model: the page adds its own
     return section
+
+
+def render_libraries(runs: Sequence[Run]) -> Section:
+    return render_models(runs, LIBRARIES_INTRO)
 
 
 def figure(runs: Sequence[Run], title: str):

@@ -1,4 +1,4 @@
-"""The momentum section of docs/results.md (issue 13), from ROOT/momentum (``agd sweep momentum``).
+"""The momentum section of docs/results.md, from ROOT/momentum (``agd sweep momentum``).
 
 A setting is a network and a number of epochs (config.json's arch and epochs). In each, AGD runs
 with momentum 0 (the paper's rule), 0.9 in Nesterov's form (the trainer's default form) and 0.9 as
@@ -6,7 +6,7 @@ heavy ball, beside Adam over a few learning rates, the best of which by mean fin
 is "tuned Adam". Per setting: a table, and three findings: momentum 0.9 against 0, AGD's best
 against tuned Adam (a loss is listed under "Where AGD loses") and Nesterov against heavy ball. A
 closing finding says whether momentum 0.9 beat momentum 0 in every setting measured, the
-condition issue 13 sets for changing the trainer's default.
+condition set for changing the trainer's default.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ affine parameters, as the paper's are; the (arch, dataset) pairs are the ones th
 defines, plus the CIFAR ResNet-18 on the 28x28 grayscale datasets (its stem takes one channel
 there), which train offline. The others are models nobody here wrote, for AGD(model) on the
 models people have: torchvision's ResNet-18 and a small VisionTransformer (models/vision.py) on
-images, and a character-level transformer LM (models/charlm.py) on text.
+images, and a character-level transformer LM (models/charlm.py) on text; and any timm model or
+Hugging Face causal LM by name (models/libraries.py: --arch timm:NAME, --arch hf:NAME).
 """
 
 from __future__ import annotations
@@ -16,13 +17,29 @@ from torch_agd.errors import UsageError
 
 ARCHS = ("fcn", "cnn", "vgg", "resnet18", "resnet50", "tv-resnet18", "tv-vit", "charlm", "charlm-tied")
 PAPER_ARCHS = ("fcn", "vgg", "resnet18", "resnet50")
+# Any model of these libraries by name (models/libraries.py): --arch timm:resnet18, --arch hf:llama.
+LIBRARIES = ("timm", "hf")
 
 _CIFAR = ("cifar10", "cifar100")
 _IMAGES = ("mnist", "fashion-mnist") + _CIFAR
-_TEXT = ("stdlib", "text")
-# arch -> datasets it is defined for (None: every image dataset).
+TEXT_ONLY = "text"
+# arch -> image datasets it is defined for (None: every image dataset), or TEXT_ONLY: any text
+# dataset (the data package lists those; a model knows text by its 1-D inputs, below).
 _DEFINED_FOR = {"fcn": None, "cnn": _IMAGES, "vgg": _CIFAR, "resnet18": _IMAGES, "resnet50": _CIFAR + ("imagenet",),
-                "tv-resnet18": _IMAGES + ("imagenet",), "tv-vit": _IMAGES, "charlm": _TEXT, "charlm-tied": _TEXT}
+                "tv-resnet18": _IMAGES + ("imagenet",), "tv-vit": _IMAGES, "charlm": TEXT_ONLY,
+                "charlm-tied": TEXT_ONLY}
+
+
+def _is_text(info) -> bool:
+    """Text datasets feed windows of bytes, (T,); image datasets (C, H, W)."""
+    return len(info.in_shape) == 1
+
+
+def check_arch(arch: str) -> None:
+    """A one-line error for an --arch that names no network (before any data is loaded)."""
+    library, _, name = arch.partition(":")
+    if not (arch in ARCHS or library in LIBRARIES and name):
+        raise UsageError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}, timm:NAME or hf:NAME")
 
 
 def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Module:
@@ -31,14 +48,17 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
     ``depth`` and ``width`` only shape the fully-connected network, as in the paper.
     Returns a module mapping (B, *info.in_shape) float inputs to (B, info.num_classes) logits.
     """
-    if arch not in ARCHS:
-        raise UsageError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    check_arch(arch)
+    library, _, name = arch.partition(":")
+    if library in LIBRARIES:
+        return _library_model(library, name, info, depth=depth, width=width)
     datasets = _DEFINED_FOR[arch]
-    if datasets is None and info.name in _TEXT or datasets is not None and info.name not in datasets:
-        datasets = datasets or _IMAGES + ("imagenet",)
-        instead = "charlm" if info.name in _TEXT else "fcn"
-        raise UsageError(f"--arch {arch} is not defined for --dataset {info.name} (it takes "
-                         f"{', '.join(datasets)}); use --arch {instead} for {info.name}")
+    fits = _is_text(info) if datasets == TEXT_ONLY else not _is_text(info) and (datasets is None or info.name in datasets)
+    if not fits:
+        takes = ("a text dataset" if datasets == TEXT_ONLY else ", ".join(datasets or _IMAGES + ("imagenet",)))
+        instead = "charlm" if _is_text(info) else "fcn"
+        raise UsageError(f"--arch {arch} is not defined for --dataset {info.name} (it takes {takes}); "
+                         f"use --arch {instead} for {info.name}")
     if arch == "fcn":
         from torch_agd.models.fcn import FCN
 
@@ -75,4 +95,16 @@ def build_model(arch: str, info, *, depth: int = 10, width: int = 256) -> nn.Mod
     return (preact_resnet18 if arch == "resnet18" else preact_resnet50)(info.num_classes, info.in_shape[0])
 
 
-__all__ = ["ARCHS", "PAPER_ARCHS", "build_model"]
+def _library_model(library: str, name: str, info, *, depth: int, width: int) -> nn.Module:
+    from torch_agd.models import libraries
+
+    if library == "timm":
+        if _is_text(info):
+            raise UsageError(f"--arch timm:{name} is an image model; use --arch hf:NAME for --dataset {info.name}")
+        return libraries.timm_model(name, info)
+    if not _is_text(info):
+        raise UsageError(f"--arch hf:{name} is a causal LM for a text dataset; use --arch timm:NAME for {info.name}")
+    return libraries.hf_causal_lm(name, info, width=width, depth=depth)
+
+
+__all__ = ["ARCHS", "LIBRARIES", "PAPER_ARCHS", "build_model", "check_arch"]

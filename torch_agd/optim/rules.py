@@ -107,7 +107,10 @@ class Rule:
         return joined_to(partner, tuple(shape))
 
     def init_(self, p: torch.Tensor, blocks: Blocks, name: str, generator) -> None:
-        """Set ``p`` as AGD starts it (default: leave the module's own initialisation)."""
+        """Set ``p`` as AGD starts it: for a matrix rule every block uniformly (semi-)orthogonal
+        times its scale (the paper's initialisation); otherwise the module's own initialisation."""
+        if self.matrix:
+            p.copy_(orthogonal_blocks(p, blocks, generator))
 
 
 class Weight(Rule):
@@ -128,9 +131,6 @@ class Weight(Rule):
         d_out, d_in = (shape[1], shape[0] // self.groups) if self.transposed else (shape[0] // self.groups, shape[1])
         s = math.sqrt(d_out / (d_in + joined)) / math.sqrt(k)
         return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2)
-
-    def init_(self, p, blocks, name, generator):
-        p.copy_(orthogonal_blocks(p, blocks, generator))
 
 
 class WeightT(Weight):
@@ -153,9 +153,6 @@ class Attention(Rule):
     def blocks(self, shape, joined=False):
         d = shape[1]
         return Blocks(shape[0], 3, d, 1, math.sqrt(d / (d + joined)))
-
-    def init_(self, p, blocks, name, generator):
-        p.copy_(orthogonal_blocks(p, blocks, generator))
 
 
 class Embedding(Rule):
@@ -241,9 +238,6 @@ class Stacked(Rule):
         experts, rows, inner = shape
         d_out, d_in = (inner, rows) if self.transposed else (rows, inner)
         return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2)
-
-    def init_(self, p, blocks, name, generator):
-        p.copy_(orthogonal_blocks(p, blocks, generator))
 
 
 class StackedT(Stacked):

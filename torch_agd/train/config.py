@@ -19,7 +19,8 @@ from pathlib import Path
 from torch_agd.data import DATASETS, TEXT
 from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
-from torch_agd.models import ARCHS, PAPER_ARCHS
+from torch_agd.models import ARCHS, PAPER_ARCHS, check_arch
+from torch_agd.models.libraries import HF_DEPTH, HF_WIDTH
 from torch_agd.train import rundir
 from torch_agd.train.fsdp import SHARDABLE
 from torch_agd.train.loop import LOSSES
@@ -30,7 +31,8 @@ MOMENTUM_FORMS = ("nesterov", "heavy-ball")  # --momentum-form; TrainConfig.nest
 # dest: (type, default, help). Defaults are applied after parsing (argparse sees None), so
 # that --resume can tell the flags a user typed from the ones left at their defaults.
 FLAGS: dict[str, tuple] = {
-    "arch": (str, "fcn", "network: " + ", ".join(ARCHS)),
+    "arch": (str, "fcn", "network: " + ", ".join(ARCHS) + ", timm:NAME (any timm model) or hf:NAME (a transformers "
+                          "causal LM by model type: hf:llama, hf:gpt2, hf:mixtral...), random init"),
     "dataset": (str, "cifar10", "dataset: " + ", ".join(DATASETS)),
     "loss": (str, None, "mse (the paper's square loss; the default for images) or xent (cross-entropy; "
                         "the default for text)"),
@@ -49,8 +51,10 @@ FLAGS: dict[str, tuple] = {
     "epochs": (int, 200, "epochs to train"),
     "steps": (int, None, "train for this many optimizer steps instead of --epochs (evaluation and checkpoints "
                          "still come at the end of every epoch, and after the last step)"),
-    "depth": (int, 10, "number of layers of the fcn (other networks ignore it)"),
-    "width": (int, 256, "hidden width of the fcn (other networks ignore it)"),
+    "depth": (int, 10, f"number of layers of the fcn, or of an hf: model (default {HF_DEPTH} there); other networks "
+                       "ignore it"),
+    "width": (int, 256, f"hidden width of the fcn, or of an hf: model (default {HF_WIDTH} there); other networks "
+                        "ignore it"),
     "seed": (int, 0, "seed of the initial weights and of each epoch's data order and augmentation"),
     "amp": (bool, False, "bf16 autocast for activations; weights stay float32"),
     "compile": (bool, False, "torch.compile the model"),
@@ -61,7 +65,7 @@ FLAGS: dict[str, tuple] = {
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
-CHOICES = {"arch": ARCHS, "dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
+CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
            "momentum_form": MOMENTUM_FORMS}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
@@ -151,6 +155,7 @@ def _check_new(values: dict, given: dict) -> None:
     """One-line errors for values no run can use; raised before anything is loaded. Batch sizes
     are checked by check_split; --lr with agd and out-of-range values of --lr/--gain are refused
     by build_optimizer; each rule has one owner, the code that uses the value."""
+    check_arch(values["arch"])
     if values["epochs"] < 1:
         raise UsageError(f"{_flag('epochs')} must be at least 1, got {values['epochs']}")
     if values["steps"] is not None and values["steps"] < 1:
@@ -201,12 +206,15 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         values["loss"] = "xent" if values["dataset"] in TEXT else "mse"
     if values["agd_depth"] is None:
         values["agd_depth"] = "weights" if values["arch"] in PAPER_ARCHS else "auto"
+    if values["arch"].startswith("hf:"):  # a transformer of the size of this project's own LM
+        values["depth"], values["width"] = given.get("depth", HF_DEPTH), given.get("width", HF_WIDTH)
     _check_new(values, given)
     return TrainConfig.from_flags(values), False
 
 
 def default_out(config: TrainConfig) -> str:
-    stem = Path("runs") / f"{config.arch}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    arch = config.arch.replace(":", "-")  # timm:resnet18 -> timm-resnet18
+    stem = Path("runs") / f"{arch}-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
     out, n = stem, 1
     while out.exists():  # two runs started in the same second
         n += 1
