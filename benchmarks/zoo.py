@@ -132,14 +132,14 @@ def real_rows(entries, steps: int, data_dir: str | None) -> dict[str, dict]:
     for entry in entries:
         if entry.real is None:
             continue
-        row = {"data": entry.real}
+        row = {"data": entry.real, "steps": steps}
         try:
             if entry.real == "fashion-mnist":
                 if fashion is None:
                     fashion = _fashion(data_dir)
-                build, batches, held_out, loss_fn = _fashion_task(entry, fashion)
+                build, batches, held_out, loss_fn = _fashion_task(entry, fashion, steps)
             else:
-                build, batches, held_out, loss_fn = _text_task(entry)
+                build, batches, held_out, loss_fn = _text_task(entry, steps)
             for label, make_opt, agd_init in (("agd", AGD, True),
                                               ("adamw", lambda m: torch.optim.AdamW(m.parameters(), **ADAMW), False)):
                 torch.manual_seed(0)
@@ -148,7 +148,7 @@ def real_rows(entries, steps: int, data_dir: str | None) -> dict[str, dict]:
                     init_weights_(model, generator=torch.Generator().manual_seed(0))
                 opt = make_opt(model)
                 model.train()
-                for batch in batches[:steps]:
+                for batch in batches:
                     opt.zero_grad(set_to_none=True)
                     loss_fn(model, batch).backward()
                     opt.step()
@@ -171,7 +171,7 @@ def _fashion(data_dir):
     return load_data("fashion-mnist", data_dir, "cpu", download=False)
 
 
-def _fashion_task(entry, data):
+def _fashion_task(entry, data, steps):
     import timm
     import torch.nn.functional as F
 
@@ -179,7 +179,7 @@ def _fashion_task(entry, data):
         it = split.batches(n, epoch=0, seed=seed)
         return [{"x": F.interpolate(x, size=32), "y": y} for x, y in (next(it) for _ in range(count))]
 
-    train = batches_of(data.train, 32, 200, seed=0)
+    train = batches_of(data.train, 32, steps, seed=0)
     x, y = next(data.test.batches(512, epoch=0, seed=0))
     held_out = {"x": F.interpolate(x, size=32), "y": y}
     # one channel at 32 x 32; a ViT gets 4 x 4 patches (8 x 8 of them)
@@ -188,7 +188,7 @@ def _fashion_task(entry, data):
     return build, train, held_out, zoo_models.classify
 
 
-def _text_task(entry):
+def _text_task(entry, steps):
     from torch_agd.data import load_data
 
     data = load_data("stdlib")
@@ -200,7 +200,7 @@ def _text_task(entry):
         starts = torch.randint(0, len(tokens) - context, (count,), generator=g)
         return torch.stack([tokens[s:s + context] for s in starts.tolist()]).long()
 
-    train = [{"input_ids": windows(data.train, 32, seed)} for seed in range(200)]
+    train = [{"input_ids": windows(data.train, 32, seed)} for seed in range(steps)]
     held_out = {"input_ids": windows(data.test, 128, 10_000)}
     model, _, loss_fn = entry.build()
     return lambda: copy.deepcopy(model), train, held_out, loss_fn
@@ -321,8 +321,11 @@ def page(rows: list[dict], args, real: dict, commands: list[str]) -> str:
         if lib_rows:
             out += [f"## {library}", "", summary(lib_rows), ""] + table(lib_rows, momentum, real) + [""]
     if real:
+        # rows cached before real rows recorded their steps came from the default, 50
+        real_steps = "/".join(map(str, sorted({r.get("steps", 50) for r in real.values()})))
         out += ["## Real data (--real)", "",
-                "A short run on real data: 50 steps of batch 32, then the loss on held-out data (Fashion-MNIST: "
+                f"A short run on real data: {real_steps} "
+                "steps of batch 32 (a fresh batch each step), then the loss on held-out data (Fashion-MNIST: "
                 "512 test images, one channel at 32 x 32; the stdlib text: 128 validation windows of 64 bytes). "
                 "AGD at its defaults after `init_weights_`; AdamW as above.", "",
                 "| model | data | AGD held-out loss | AdamW held-out loss |", "|---|---|---|---|"]

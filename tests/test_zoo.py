@@ -136,3 +136,17 @@ def test_the_command_writes_the_page_and_keeps_other_rows(tmp_path):
     assert "- AGD's loss not falling: 0" in text
     rows = json.loads(cache.read_text())["rows"]
     assert set(rows) == {"test_vit", "test_convnext"} and rows["test_convnext"]["steps"] == 2
+
+
+def test_real_data_rows_train_on_the_stdlib_text_and_skip_missing_images(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    gpt2 = _entry("gpt2 (tied)")
+    rows = zoo.real_rows([gpt2, _entry("resnet18")], 2, str(tmp_path / "empty"))
+    text = rows["gpt2 (tied)"]
+    assert text["data"] == "stdlib" and text["steps"] == 2 and "skipped" not in text
+    assert all(0 < text[k] < 10 for k in ("agd", "adamw"))
+    # no Fashion-MNIST in the named data dir, and the zoo never downloads: the row says why
+    images = rows["resnet18"]
+    assert images["data"] == "fashion-mnist" and "agd" not in images
+    assert "fashion-mnist" in images["skipped"] and "\n" not in images["skipped"]
