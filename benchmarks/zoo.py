@@ -226,7 +226,7 @@ def table(rows: list[dict], momentum: bool, real: dict) -> list[str]:
         if r["status"] != "accepted":
             status = f"**{r['status']}**: {r.get('reason', '')}"
             if "override" in r:
-                status += f"<br>override: `{r['override']}`, which the numbers are with"
+                status += f"<br>override (the numbers are with it): `{r['override']}`"
             status = status.replace("|", "\\|")
         if "agd" not in r or "adamw" not in r:  # refused with no override, or crashed
             cells = [r["name"], status, "", kinds] + [""] * (len(head) - 5) + [fmt(r.get("seconds"), 1)]
