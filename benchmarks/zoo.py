@@ -282,7 +282,7 @@ def standouts(rows: list[dict]) -> list[str]:
     return lines
 
 
-def page(rows: list[dict], args, real: dict, commands: list[str]) -> str:
+def page(rows: list[dict], real: dict, commands: list[str]) -> str:
     import importlib.metadata as md
 
     def version(pkg):
@@ -375,7 +375,7 @@ def main(argv=None) -> int:
     names = [e.name for e in entries]  # page order is the zoo's order; rows of removed models drop out
     rows = [cache["rows"][n] for n in names if n in cache["rows"]]
     real = {n: cache["real"][n] for n in names if n in cache.get("real", {})}
-    atomic_write_text(args.out, page(rows, args, real, cache.get("commands", [])))
+    atomic_write_text(args.out, page(rows, real, cache.get("commands", [])))
     print(summary(rows))
     return 0
 

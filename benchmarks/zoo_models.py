@@ -267,8 +267,8 @@ def transformers_entries() -> list[Entry]:
                  decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
                  max_position_embeddings=128),
         hf_entry("vit", "ViTForImageClassification", "ViTConfig", batch=_pixel_batch, loss=own_loss,
-                 image_size=32, patch_size=8, num_labels=CLASSES, **{k: v for k, v in SMALL.items()
-                                                                      if k not in ("vocab_size", "max_position_embeddings")}),
+                 image_size=32, patch_size=8, num_labels=CLASSES, hidden_size=64, num_hidden_layers=2,
+                 num_attention_heads=4, intermediate_size=128),
         hf_entry("convnext", "ConvNextForImageClassification", "ConvNextConfig", batch=_pixel_batch,
                  loss=own_loss, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], num_labels=CLASSES),
     ]
