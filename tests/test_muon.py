@@ -285,9 +285,14 @@ def test_an_lr_scheduler_drives_every_part():
     sched.step()
     assert [g["lr"] for g in opt.param_groups] == [0.01, 5e-4]
     assert opt.parts["matrix"].param_groups[0]["lr"] == 0.01 and opt.parts["adamw"].param_groups[0]["lr"] == 5e-4
+    # Loading a state replaces the parts' group dicts: the scheduler must still reach the new ones.
+    opt.load_state_dict(opt.state_dict())
+    sched.step()
+    assert [g["lr"] for part in opt.parts.values() for g in part.param_groups] == [0.005, 2.5e-4]
     # At a multiplier of 0 nothing moves, weight decay included: the scheduler's lr is the one used.
     model, opt = _cnn_and_opt()
     torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0)
     before = [p.detach().clone() for p in model.parameters()]
     _train(model, opt, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+

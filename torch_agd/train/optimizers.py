@@ -118,7 +118,19 @@ class Composite(Optimizer):
         params = [p for part in parts.values() for group in part.param_groups for p in group["params"]]
         super().__init__(params, {})
         self.parts = parts
-        self.param_groups = [group for part in parts.values() for group in part.param_groups]
+
+    # Read from the parts at every access: a part's load_state_dict replaces its group dicts, and a
+    # list taken once would leave a scheduler changing groups that no part steps with any more.
+    @property
+    def param_groups(self) -> list[dict]:
+        parts = self.__dict__.get("parts")
+        if parts is None:  # inside Optimizer.__init__: its placeholder group
+            return self.__dict__["_placeholder_groups"]
+        return [group for part in parts.values() for group in part.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.__dict__["_placeholder_groups"] = groups
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "parts", None) is None:  # Optimizer.__init__ adding the placeholder group
