@@ -296,3 +296,46 @@ def test_an_lr_scheduler_drives_every_part():
     _train(model, opt, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
+
+# ------------------------------------------------------------------ the muon grid
+
+
+def _budget(argv):
+    """A run's flags less the optimizer's and the seed: model, data, loss, batch sizes, budget."""
+    drop = {"--optimizer", "--lr", "--aux-lr", "--muon-adjust-lr", "--seed", "--momentum", "--momentum-form"}
+    out, it = [], iter(argv)
+    for flag in it:
+        value = next(it)
+        if flag not in drop:
+            out += [flag, value]
+    return sorted(zip(out[::2], out[1::2]))
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_the_muon_grid_tunes_both_adjustments_at_the_budgets_of_each_models_table(scale):
+    from torch_agd.experiments import grids
+
+    specs = grids.grid_runs("muon", scale, seeds=1)
+    assert len(specs) == 5 * 9
+    by_name = {spec.name: spec for spec in specs}
+    models = {"fcn": "momentum", "cnn": "momentum", "tv-resnet18": "models", "tv-vit": "models", "charlm": "models"}
+    for model, table in models.items():
+        runs = [s for s in specs if s.name.startswith(f"{model}-muon-")]
+        assert len(runs) == 9
+        lrs = {(s.argv[s.argv.index("--muon-adjust-lr") + 1], float(s.argv[s.argv.index("--lr") + 1])) for s in runs}
+        assert lrs == {("match_rms_adamw", lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)} | \
+            {("original", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1)}
+        assert {s.argv[s.argv.index("--aux-lr") + 1] for s in runs} == {f"{grids.MUON_AUX_LRS[model]:g}"}
+        # the budget, data and loss of the run it is compared with in its table
+        other = next(s for s in grids.grid_runs(table, scale, seeds=1)
+                     if s.name.startswith(f"{model}-") and ("-adam" in s.name))
+        assert all(_budget(s.argv) == _budget(other.argv) for s in runs), (model, other.name)
+    assert "tv-vit-muon-rms-lr1e-03-s0" in by_name and "charlm-muon-orig-lr1e-01-s0" in by_name
+
+
+def test_a_torch_without_muon_is_a_one_line_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.optim._muon", None)  # as if torch were older than 2.9
+    with pytest.raises(UsageError, match=r"^--optimizer muon needs torch.optim.Muon \(torch >= 2.9\)"):
+        MatrixMuon([{"params": [nn.Parameter(torch.zeros(2, 2, 3))], "kind": "stacked"}])

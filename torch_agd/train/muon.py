@@ -34,6 +34,7 @@ step does; a plain 2-D weight goes to torch.optim.Muon itself.
 
 from __future__ import annotations
 
+import importlib
 from typing import NamedTuple
 
 import torch
@@ -52,13 +53,13 @@ MATRIX_KINDS = ("weight", "weight_t", "attention", "stacked", "stacked_t")
 
 
 def _torch_muon():
-    """torch's Muon pieces (torch >= 2.9), or a one-line UsageError."""
+    """torch's Muon module (torch.optim._muon, torch >= 2.9): its Newton-Schulz iteration, lr
+    adjustment and default coefficients, used as they are; or a one-line UsageError."""
     try:
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz
+        return importlib.import_module("torch.optim._muon")
     except ImportError:
         raise UsageError(f"--optimizer muon needs torch.optim.Muon (torch >= 2.9); this is torch "
                          f"{torch.__version__}") from None
-    return _zeropower_via_newtonschulz, _adjust_lr
 
 
 # ---------------------------------------------------------------- the linear maps of a tensor
@@ -103,11 +104,9 @@ class MatrixMuon(Optimizer):
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, adjust_lr_fn: str | None = None):
-        from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, DEFAULT_NS_STEPS, EPS
-
-        _torch_muon()
+        tm = _torch_muon()
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-                        ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, ns_steps=DEFAULT_NS_STEPS,
+                        ns_coefficients=(tm.DEFAULT_A, tm.DEFAULT_B, tm.DEFAULT_C), eps=tm.EPS, ns_steps=tm.DEFAULT_NS_STEPS,
                         adjust_lr_fn=adjust_lr_fn, kind="weight", conv_groups=1)
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -118,7 +117,7 @@ class MatrixMuon(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        newton_schulz, adjust_lr = _torch_muon()
+        tm = _torch_muon()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -137,9 +136,9 @@ class MatrixMuon(Optimizer):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
                 matrices = to_matrices(update, kind, groups)
-                ortho = torch.stack([newton_schulz(m, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                                     for m in matrices.unbind(0)])
-                adjusted = adjust_lr(lr, group["adjust_lr_fn"], ortho.shape[1:])
+                ortho = torch.stack([tm._zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"],
+                                                                    group["eps"]) for m in matrices.unbind(0)])
+                adjusted = tm._adjust_lr(lr, group["adjust_lr_fn"], ortho.shape[1:])
                 p.mul_(1 - lr * decay)
                 p.add_(from_matrices(ortho, p, kind, groups), alpha=-adjusted)
         return loss
@@ -170,11 +169,9 @@ def _first_tensor(out):
     return None
 
 
-def _out_width(module: nn.Module, weight: Tensor, kind: str, groups: int) -> int:
-    """How many outputs the linear map held by ``weight`` produces."""
-    if kind == "weight_t":
-        return weight.shape[1] * groups
-    return weight.shape[0]
+def _out_width(weight: Tensor, kind: str, groups: int) -> int:
+    """How many outputs the linear map held by ``weight`` (of AGD kind ``kind``) produces."""
+    return weight.shape[1] * groups if kind == "weight_t" else weight.shape[0]
 
 
 def output_head(model: nn.Module, example: Tensor) -> str:
@@ -203,13 +200,13 @@ def output_head(model: nn.Module, example: Tensor) -> str:
         for hook in hooks:
             hook.remove()
         model.train(training)
-    if not finished or output is None:
-        raise UsageError("--optimizer muon cannot find the output head: no linear layer ran in a forward pass"
-                         if not finished else "--optimizer muon cannot find the output head: the model's output is "
-                         "not a tensor")
+    if not finished:
+        raise UsageError("--optimizer muon cannot find the output head: no linear layer ran in a forward pass")
+    if output is None:
+        raise UsageError("--optimizer muon cannot find the output head: the model's output is not a tensor")
     head = finished[-1]
     module, weight, kind, groups = maps[head]
-    width = _out_width(module, weight, kind, groups)
+    width = _out_width(weight, kind, groups)
     if width != output.shape[-1]:
         raise UsageError(f"--optimizer muon cannot find the output head: the last linear layer to run, {head or 'the model'} "
                          f"({type(module).__name__}), has {width} outputs but the model gives {output.shape[-1]}")
