@@ -561,6 +561,28 @@ def test_under_fsdp_the_optimizer_is_built_once_on_the_shards(fake_fashion, tmp_
     assert built == [True]
 
 
+@pytest.mark.slow
+def test_an_fsdp_run_keeps_its_schedule_across_a_resume(fake_fashion, tmp_path, monkeypatch):
+    # Under --fsdp the scheduler's state goes to train_state.pt beside the shards.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    flags = ("--fsdp", "--optimizer", "adamw", "--schedule", "cosine", "--warmup", "2")
+    assert main(_argv(fake_fashion, tmp_path / "whole", 2, *flags)) == 0
+    calls, real_evaluate = [], run_module.evaluate
+
+    def evaluate_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", evaluate_then_ctrl_c)
+    assert main(_argv(fake_fashion, tmp_path / "cut", 2, *flags)) == 130
+    monkeypatch.setattr(run_module, "evaluate", real_evaluate)
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert _without_timing(metrics_rows(tmp_path / "cut")) == _without_timing(metrics_rows(tmp_path / "whole"))
+
+
 # ------------------------------------------------------------------ real processes, real data
 
 
