@@ -18,6 +18,10 @@ The trainer calls those methods whenever the optimizer has them (see docs/archit
 DoG's authors recommend evaluating an averaged copy of the weights (their
 PolynomialDecayAverager); the trainer evaluates the raw weights for every optimizer alike, so DoG is
 compared here without averaging, which is how ``DoG(params)`` behaves on its own.
+
+Muon (``--optimizer muon``) is a baseline as its authors run it: torch.optim.Muon on the hidden
+weight matrices, AdamW on the rest (MuonWithAdamW; the split and the conv filters in muon.py).
+It and agd+adamw are Composite optimizers: several torch optimizers as one torch Optimizer.
 """
 
 from __future__ import annotations
