@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torch_agd.errors import UsageError
+from torch_agd.optim.rules import Tied, Weight, group_rule, module_param_groups, rule_for
 
 # torch.optim.Muon's defaults: Keller Jordan's Newton-Schulz coefficients, 5 steps, momentum 0.95
 # with Nesterov. Only the learning rate, its adjustment and the weight decay are set here.
@@ -49,7 +50,6 @@ ADJUST_LR = ("original", "match_rms_adamw")  # --muon-adjust-lr: torch's default
 # --lr without a value: Keller Jordan's 0.02 at torch's default adjustment; at match_rms_adamw
 # the update has AdamW's RMS, so AdamW's default lr (Moonshot reuse AdamW's tuned lr).
 DEFAULT_MUON_LR = {"original": 0.02, "match_rms_adamw": 1e-3}
-MATRIX_KINDS = ("weight", "weight_t", "attention", "stacked", "stacked_t")
 
 
 def _torch_muon():
@@ -67,31 +67,13 @@ def _torch_muon():
 
 def to_matrices(t: Tensor, kind: str, groups: int = 1) -> Tensor:
     """The linear maps that ``t`` (a parameter of AGD kind ``kind``, or its gradient) holds, as a
-    (n, out, in) tensor of n matrices laid out (fan-out, fan-in): see the module docstring."""
-    if kind == "weight":  # (out, in/g, k...): each filter a row, per group
-        return t.reshape(groups, t.shape[0] // groups, -1)
-    if kind == "weight_t":  # (in, out/g, k...): group g maps its in/g inputs to its out/g outputs
-        rows, cols = t.shape[0] // groups, t.shape[1]
-        return t.reshape(groups, rows, cols, -1).permute(0, 2, 1, 3).reshape(groups, cols, -1)
-    if kind == "attention":  # (3d, d): q, k, v
-        return t.reshape(3, t.shape[1], t.shape[1])
-    if kind == "stacked":
-        return t
-    if kind == "stacked_t":
-        return t.transpose(1, 2)
-    raise ValueError(f"no matrices in AGD kind {kind!r}")
+    (n, out, in) tensor of n matrices laid out (fan-out, fan-in): the kind's rule knows its layout."""
+    return rule_for(kind, groups).flat_matrices(t)
 
 
 def from_matrices(m: Tensor, like: Tensor, kind: str, groups: int = 1) -> Tensor:
     """The inverse of to_matrices: (n, out, in) matrices back in the layout of ``like``."""
-    if kind in ("weight", "attention", "stacked"):
-        return m.reshape(like.shape)
-    if kind == "weight_t":
-        rows, cols = like.shape[0] // groups, like.shape[1]
-        return m.reshape(groups, cols, rows, -1).permute(0, 2, 1, 3).reshape(like.shape)
-    if kind == "stacked_t":
-        return m.transpose(1, 2)
-    raise ValueError(f"no matrices in AGD kind {kind!r}")
+    return rule_for(kind, groups).from_flat_matrices(m, like)
 
 
 class MatrixMuon(Optimizer):
@@ -110,8 +92,8 @@ class MatrixMuon(Optimizer):
                         adjust_lr_fn=adjust_lr_fn, kind="weight", conv_groups=1)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            if group["kind"] not in MATRIX_KINDS:
-                raise ValueError(f"MatrixMuon takes matrix kinds ({', '.join(MATRIX_KINDS)}), not {group['kind']!r}")
+            if not rule_for(group["kind"], group["conv_groups"]).matrix:
+                raise ValueError(f"MatrixMuon takes the kinds of matrix rules, not {group['kind']!r}")
             for p in group["params"]:
                 to_matrices(p, group["kind"], group["conv_groups"])  # a shape it cannot cut fails here
 
@@ -169,24 +151,18 @@ def _first_tensor(out):
     return None
 
 
-def _out_width(weight: Tensor, kind: str, groups: int) -> int:
-    """How many outputs the linear map held by ``weight`` (of AGD kind ``kind``) produces."""
-    return weight.shape[1] * groups if kind == "weight_t" else weight.shape[0]
-
-
 def output_head(model: nn.Module, example: Tensor) -> str:
     """The name of the module that computes ``model``'s output: of the modules owning a linear
     map's weight (a matrix or tied AGD rule), the one whose forward finished last on ``example``
     (run once in eval mode without gradients, the random state left as it was). A one-line
     UsageError if that module's output width is not the model output's last dimension."""
-    from torch_agd.optim.rules import module_param_groups
-
     kinds = {id(p): (g["kind"], g.get("conv_groups", 1)) for g in module_param_groups(model) for _, p in g["params"]}
     maps = {}  # module name -> (module, weight, kind, groups) of the linear map it owns
     for name, module in model.named_modules():
         for p in module.parameters(recurse=False):
             kind, groups = kinds[id(p)]
-            if kind in MATRIX_KINDS or kind == "tied":
+            rule = rule_for(kind, groups)
+            if rule.matrix or isinstance(rule, Tied):
                 maps.setdefault(name, (module, p, kind, groups))
     finished: list[str] = []
     hooks = [module.register_forward_hook(lambda *_, name=name: finished.append(name))
@@ -206,7 +182,7 @@ def output_head(model: nn.Module, example: Tensor) -> str:
         raise UsageError("--optimizer muon cannot find the output head: the model's output is not a tensor")
     head = finished[-1]
     module, weight, kind, groups = maps[head]
-    width = _out_width(weight, kind, groups)
+    width = rule_for(kind, groups).out_width(tuple(weight.shape))
     if width != output.shape[-1]:
         raise UsageError(f"--optimizer muon cannot find the output head: the last linear layer to run, {head or 'the model'} "
                          f"({type(module).__name__}), has {width} outputs but the model gives {output.shape[-1]}")
@@ -215,17 +191,15 @@ def output_head(model: nn.Module, example: Tensor) -> str:
 
 def muon_split(model: nn.Module, example: Tensor) -> MuonSplit:
     """``model``'s parameters by optimizer (see MuonSplit and the module docstring)."""
-    from torch_agd.optim.rules import module_param_groups
-
     head = output_head(model, example)
     head_params = {id(p) for p in model.get_submodule(head).parameters(recurse=False)}
     muon, matrix, adamw = [], [], []
     for group in module_param_groups(model):
-        kind, groups = group["kind"], group.get("conv_groups", 1)
+        kind, groups, rule = group["kind"], group.get("conv_groups", 1), group_rule(group)
         for name, p in group["params"]:
-            if kind not in MATRIX_KINDS or id(p) in head_params:
+            if not rule.matrix or id(p) in head_params:
                 adamw.append((name, p))
-            elif kind == "weight" and groups == 1 and p.dim() == 2:
+            elif type(rule) is Weight and groups == 1 and p.dim() == 2:  # a plain (out, in) weight
                 muon.append((name, p))
             else:
                 matrix.append((name, p, kind, groups))
