@@ -127,7 +127,7 @@ class Weight(Rule):
         # per group d_out/d_in is the layer's own ratio
         d_out, d_in = (shape[1], shape[0] // self.groups) if self.transposed else (shape[0] // self.groups, shape[1])
         s = math.sqrt(d_out / (d_in + joined)) / math.sqrt(k)
-        return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2)
+        return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2, transposed=self.transposed)
 
     def init_(self, p, blocks, name, generator):
         p.copy_(orthogonal_blocks(p, blocks, generator))
@@ -240,7 +240,8 @@ class Stacked(Rule):
     def blocks(self, shape, joined=False):
         experts, rows, inner = shape
         d_out, d_in = (inner, rows) if self.transposed else (rows, inner)
-        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2)
+        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2,
+                      transposed=self.transposed)
 
     def init_(self, p, blocks, name, generator):
         p.copy_(orthogonal_blocks(p, blocks, generator))
