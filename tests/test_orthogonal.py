@@ -384,3 +384,33 @@ def test_row_and_slot_kinds_alone_are_untouched_by_the_flag():
     AGD([{"params": [a], "kind": "embedding"}], direction="orthogonal").step()
     AGD([{"params": [b], "kind": "embedding"}]).step()
     assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_cuda_orthogonal_step_never_syncs_and_matches_the_cpu(foreach):
+    torch.manual_seed(0)
+    cpu = CharLM(64, dim=32, layers=2, heads=2, context=8)
+    gpu = copy.deepcopy(cpu).cuda()
+    opts = [AGD(m, momentum=0.9, direction="orthogonal", foreach=foreach) for m in (cpu, gpu)]
+    idx = torch.randint(0, 64, (4, 8))
+
+    def backward(m):
+        m.zero_grad()
+        i = idx.to(next(m.parameters()).device)
+        nn.functional.cross_entropy(m(i).flatten(0, 1), i.flatten()).backward()
+
+    for m, o in zip((cpu, gpu), opts):
+        backward(m)
+        o.step()  # the first step allocates buffers, eta and the counters
+    backward(cpu)
+    opts[0].step()
+    backward(gpu)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opts[1].step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
+        torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-4, atol=1e-5, msg=name)
