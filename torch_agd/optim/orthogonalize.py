@@ -81,22 +81,23 @@ def _from_matrices(m: Tensor, b: Blocks, like: Tensor) -> Tensor:
     return out
 
 
-def orthogonal_update(d: Tensor, b: Blocks, bias: Tensor | None = None,
-                      orthogonalise=newton_schulz) -> tuple[Tensor, Tensor | None]:
-    """O(D(B)) of every block of the direction ``d`` (blocks ``b``), in one batched chain of
-    matmuls over all its kernel positions, conv groups, q/k/v or experts; with ``bias`` (the
-    direction of a bias joined to these blocks), of the augmented [D(W) | D(b)] instead, split back.
-
-    Returns (the weight's update, the bias's update or None), each laid out like its direction.
-    A conv's bias is the constant input's column of all k kernel positions' blocks, and the step
-    moves it by the sum of their (equal) factors; so its update here is the mean of its k
-    columns, and the sum of the k moves comes out."""
+def augmented(d: Tensor, b: Blocks, bias: Tensor | None = None) -> Tensor:
+    """The blocks of the direction ``d`` (blocks ``b``) as maps, (row_blocks, k, d_out, d_in); with
+    ``bias`` (the direction of a bias joined to them), the augmented [D(W) | D(b)], whose last
+    column is the bias's part of each block (a conv's bias in every kernel position's)."""
     m = _as_matrices(d, b)
-    d_in = m.shape[-1]
-    if bias is not None:
-        column = bias.reshape(b.row_blocks, 1, m.shape[-2], 1).expand(-1, b.k, -1, -1)
-        m = torch.cat([m, column.to(m.dtype)], dim=-1)
-    o = orthogonalise(m.reshape(-1, *m.shape[-2:])).view(*m.shape[:-2], *m.shape[-2:])
+    if bias is None:
+        return m
+    column = bias.reshape(b.row_blocks, 1, m.shape[-2], 1).expand(-1, b.k, -1, -1)
+    return torch.cat([m, column.to(m.dtype)], dim=-1)
+
+
+def split(o: Tensor, b: Blocks, d: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """O of the augmented blocks back to (the weight's update, the bias's update or None), each
+    laid out like its direction. A conv's bias is the constant input's column of all k kernel
+    positions' blocks, and the step moves it by the sum of their (equal) factors; so its update
+    here is the mean of its k columns, and the sum of the k moves comes out."""
+    d_in = o.shape[-1] - (bias is not None)
     w = _from_matrices(o[..., :d_in], b, d)
     if bias is None:
         return w, None
@@ -105,20 +106,31 @@ def orthogonal_update(d: Tensor, b: Blocks, bias: Tensor | None = None,
     return w, u
 
 
+def orthogonal_update(d: Tensor, b: Blocks, bias: Tensor | None = None,
+                      orthogonalise=newton_schulz) -> tuple[Tensor, Tensor | None]:
+    """O(D(B)) of every block of one tensor's direction ``d`` (with its joined ``bias``), in one
+    batched chain over all its kernel positions, conv groups, q/k/v or experts."""
+    m = augmented(d, b, bias)
+    return split(orthogonalise(m.reshape(-1, *m.shape[-2:])).view(m.shape), b, d, bias)
+
+
 def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, list[tuple[int, int]]]:
     """For a step's ParamSteps (functional.py): the update each one applies (its orthogonalised
     direction, or None to keep its direction) and the ranges (base, count) of the flat block
     vector whose blocks now move by O(D(B)), which the step must not normalise again.
 
     A step is orthogonal where its group asked for it and its rule's blocks are matrices; a bias
-    joined to such a step's blocks goes with it, whatever its own group says."""
+    joined to such a step's blocks goes with it, whatever its own group says. Blocks of the same
+    shape, dtype and device across tensors (a transformer's layers) are orthogonalised in one
+    batched chain: Newton–Schulz acts on each matrix alone, so this changes nothing but the
+    number of matmul calls."""
     updates: list[Tensor | None] = [None] * len(steps)
     owners = {s.placement.base: i for i, s in enumerate(steps) if s.orthogonal and not s.placement.blocks.joined}
     biases: dict[int, list[int]] = {}
     for i, s in enumerate(steps):
         if s.placement.blocks.joined and s.placement.base in owners:
             biases.setdefault(s.placement.base, []).append(i)
-    ranges = []
+    ranges, batches = [], {}
     for base, i in owners.items():
         s = steps[i]
         if s.mesh is not None:
@@ -126,9 +138,17 @@ def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, 
         joined = biases.get(base, [])
         if len(joined) > 1:  # two tensors claiming one column cannot happen through assign_blocks
             raise UsageError(f"{len(joined)} biases join one matrix's blocks; direction='orthogonal' needs one")
-        bias = steps[joined[0]].direction if joined else None
-        updates[i], u = orthogonal_update(s.direction, s.placement.blocks, bias, orthogonalise)
-        if joined:
-            updates[joined[0]] = u
+        j = joined[0] if joined else None
+        m = augmented(s.direction, s.placement.blocks, None if j is None else steps[j].direction)
+        batches.setdefault((m.shape[-2:], m.dtype, m.device), []).append((i, j, m))
         ranges.append((base, s.placement.blocks.count))
+    for members in batches.values():
+        flat = [m.reshape(-1, *m.shape[-2:]) for _, _, m in members]
+        o = orthogonalise(torch.cat(flat) if len(flat) > 1 else flat[0])
+        for (i, j, m), part in zip(members, o.split([len(f) for f in flat]), strict=True):
+            s = steps[i]
+            updates[i], u = split(part.view(m.shape), s.placement.blocks, s.direction,
+                                  None if j is None else steps[j].direction)
+            if j is not None:
+                updates[j] = u
     return updates, ranges
