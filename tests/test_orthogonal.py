@@ -13,9 +13,7 @@ from test_rules import CASES
 from test_rules_zoo import Experts
 from torch_agd import AGD, UsageError, agd
 from torch_agd.models.charlm import CharLM
-from torch_agd.optim.functional import ParamStep
-from torch_agd.optim.orthogonalize import newton_schulz, orthogonal_updates
-from torch_agd.optim.blocks import Blocks, Placement
+from torch_agd.optim.orthogonalize import newton_schulz
 from torch_agd.optim.reference import (norm_blocks, polar_by_svd, reference_orthogonal_step, stacked_blocks,
                                        weight_blocks)
 from torch_agd.optim.rules import module_param_groups
@@ -350,14 +348,6 @@ def test_a_joined_bias_moves_with_its_layers_direction_whatever_its_group_says()
     s = math.sqrt(6 / 5)
     torch.testing.assert_close(before - lin.bias.detach(), opt.eta.item() * s * newton_schulz(aug)[:, 4],
                                rtol=1e-10, atol=1e-12)
-
-
-def test_sharded_parameters_are_refused_in_one_line():
-    b = Blocks(4, 1, 3, 1, 1.0)
-    w = torch.zeros(4, 3)
-    step = ParamStep(w, w, w, Placement(b, 0, 0, 4, True), 1.0, mesh=object(), orthogonal=True)
-    with pytest.raises(UsageError, match=r"^direction='orthogonal' does not support sharded parameters yet$"):
-        orthogonal_updates([step])
 
 
 @pytest.mark.parametrize("foreach", FOREACH)

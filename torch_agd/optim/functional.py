@@ -50,6 +50,7 @@ class ParamStep:
     mult: float | Tensor
     mesh: object | None = None   # the device mesh of a sharded (DTensor) parameter
     orthogonal: bool = False     # its matrix blocks move by O(D(B)) (orthogonalize.py), not D(B)/||D(B)||
+    sharded_direction: Tensor | None = None  # a sharded parameter's whole direction (a DTensor)
 
 
 def _eta(G: Tensor) -> Tensor:
@@ -253,7 +254,9 @@ def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str,
     out = []
     for a in assigned:
         w_, g_, d_, r0, n, contributes, mesh = p, grad, direction, 0, a.blocks.rows, True, None
+        whole = None
         if sharding.is_sharded(p):
+            whole = direction
             w_, g_, r0, n, contributes, mesh = sharding.local(p, grad, name, a.blocks.row_dims)
             d_ = direction.to_local() if direction is not grad else g_
         if a.rows is not None:
@@ -261,7 +264,8 @@ def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str,
                 raise UsageError(f"AGD cannot step the sharded {name}: an in_proj_bias of separate q, k, v "
                                  "weights must not be sharded")
             w_, g_, d_ = w_[a.rows], g_[a.rows], d_[a.rows]
-        out.append(ParamStep(w_, g_, d_, Placement(a.blocks, a.base, r0, n, contributes), mult, mesh, orthogonal))
+        out.append(ParamStep(w_, g_, d_, Placement(a.blocks, a.base, r0, n, contributes), mult, mesh, orthogonal,
+                             whole))
     return out
 
 

@@ -133,22 +133,38 @@ def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, 
     ranges, batches = [], {}
     for base, i in owners.items():
         s = steps[i]
-        if s.mesh is not None:
-            raise UsageError("direction='orthogonal' does not support sharded parameters yet")
         joined = biases.get(base, [])
         if len(joined) > 1:  # two tensors claiming one column cannot happen through assign_blocks
             raise UsageError(f"{len(joined)} biases join one matrix's blocks; direction='orthogonal' needs one")
         j = joined[0] if joined else None
-        m = augmented(s.direction, s.placement.blocks, None if j is None else steps[j].direction)
-        batches.setdefault((m.shape[-2:], m.dtype, m.device), []).append((i, j, m))
+        d, bias = _whole(s), None if j is None else _whole(steps[j])  # gathered once, if sharded
+        m = augmented(d, s.placement.blocks, bias)
+        batches.setdefault((m.shape[-2:], m.dtype, m.device), []).append((i, j, m, d, bias))
         ranges.append((base, s.placement.blocks.count))
     for members in batches.values():
-        flat = [m.reshape(-1, *m.shape[-2:]) for _, _, m in members]
+        flat = [m.reshape(-1, *m.shape[-2:]) for _, _, m, _, _ in members]
         o = orthogonalise(torch.cat(flat) if len(flat) > 1 else flat[0])
-        for (i, j, m), part in zip(members, o.split([len(f) for f in flat]), strict=True):
+        for (i, j, m, d, bias), part in zip(members, o.split([len(f) for f in flat]), strict=True):
             s = steps[i]
-            updates[i], u = split(part.view(m.shape), s.placement.blocks, s.direction,
-                                  None if j is None else steps[j].direction)
+            w, u = split(part.view(m.shape), s.placement.blocks, d, bias)
+            updates[i] = _local(w, s)
             if j is not None:
-                updates[j] = u
+                updates[j] = _local(u, steps[j])
     return updates, ranges
+
+
+def _whole(s) -> Tensor:
+    """A step's whole direction: a sharded block must be orthogonalised whole, so a DTensor's
+    is all-gathered (each process then orthogonalises every block, and keeps its own rows)."""
+    return s.direction if s.sharded_direction is None else s.sharded_direction.full_tensor()
+
+
+def _local(update: Tensor, s) -> Tensor:
+    """The rows of a whole update that the step's process holds (all of them unless sharded),
+    laid out like its local direction."""
+    if s.sharded_direction is None:
+        return update
+    e = s.placement
+    out = torch.empty_like(s.direction)
+    out.copy_(update.reshape(e.blocks.rows, -1)[e.r0:e.r0 + e.n].reshape(s.direction.shape))
+    return out
