@@ -404,3 +404,25 @@ def test_cuda_orthogonal_step_never_syncs_and_matches_the_cpu(foreach):
         torch.cuda.set_sync_debug_mode("default")
     for (name, a), b in zip(cpu.named_parameters(), gpu.parameters(), strict=True):
         torch.testing.assert_close(b.detach().cpu(), a.detach(), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_orthogonal_step_compiles_fullgraph_and_matches_eager():
+    torch.manual_seed(0)
+    eager_net = ConvNet()
+    comp_net = copy.deepcopy(eager_net)
+    eager = AGD(eager_net, momentum=0.9, direction="orthogonal")
+    comp = AGD(comp_net, momentum=0.9, direction="orthogonal")
+    compiled_step = torch.compile(comp.step, fullgraph=True)
+    x, y = torch.randn(4, 3, 7, 7), torch.randn(4, 5)
+    for i in range(3):
+        for net in (eager_net, comp_net):
+            net.zero_grad()
+            (net(x) - y).square().mean().backward()
+        if i == 1:  # a non-finite step is skipped inside the graph too
+            eager_net.conv.weight.grad[0, 0, 0, 0] = math.nan
+            comp_net.conv.weight.grad[0, 0, 0, 0] = math.nan
+        eager.step()
+        compiled_step()
+    for p, q in zip(eager_net.parameters(), comp_net.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    assert comp.steps.item() == 3 and comp.skipped_steps.item() == 1
