@@ -10,7 +10,8 @@ one per kernel position, ...), with gradients g of a mean-reduced loss and depth
 where the direction d is g itself, or with momentum beta > 0, g + beta * m for a buffer
 m <- beta * m + g (Nesterov's form; heavy ball, m itself, with nesterov=False); G and eta come
 from g alone. With direction="orthogonal" a block of a matrix kind (rules.Rule.matrix) moves by
-lr * gain * (eta / L) * s(B) * O(d(B)) instead, O(X) ~ U Vᵀ of X = U S Vᵀ (orthogonalize.py). Two implementations: `_single_tensor_agd` reads like the formulas;
+lr * gain * (eta / L) * s(B) * O(d(B)) instead, O(X) ~ U Vᵀ of X = U S Vᵀ (orthogonalize.py).
+Two implementations: `_single_tensor_agd` reads like the formulas;
 `_multi_tensor_agd` batches the same arithmetic (one flat vector of block norms, foreach ops,
 layouts worked out once in foreach_plan.py). Neither reads a GPU value on the host: eta and
 whether G was finite stay 0-d tensors on the device. (On the CPU the batched path does look at
