@@ -144,7 +144,7 @@ class Weight(Rule):
         # per group d_out/d_in is the layer's own ratio
         d_out, d_in = (shape[1], shape[0] // self.groups) if self.transposed else (shape[0] // self.groups, shape[1])
         s = math.sqrt(d_out / (d_in + joined)) / math.sqrt(k)
-        return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2)
+        return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2, transposed=self.transposed)
 
     def out_width(self, shape):
         return shape[1] * self.groups if self.transposed else shape[0]
@@ -270,7 +270,8 @@ class Stacked(Rule):
     def blocks(self, shape, joined=False):
         experts, rows, inner = shape
         d_out, d_in = (inner, rows) if self.transposed else (rows, inner)
-        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2)
+        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2,
+                      transposed=self.transposed)
 
     def out_width(self, shape):
         return shape[2] if self.transposed else shape[1]
