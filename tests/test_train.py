@@ -622,3 +622,27 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     assert _without_timing(metrics_rows(killed)) == _without_timing(metrics_rows(tmp_path / "whole"))
     assert json.loads((killed / "summary.json").read_text())["test_acc"] == metrics_rows(killed)[-1]["test_acc"]
     assert metrics_rows(killed)[-1]["test_acc"] > 0.7  # real data: a small FCN learns in 3 epochs
+
+
+def test_agd_direction_reaches_the_optimizer_and_old_runs_read_as_frobenius(tmp_path):
+    import argparse
+
+    from torch_agd.train.config import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--arch", "fcn", "--dataset", "fashion-mnist", "--depth", "3", "--width", "8"]
+    config, _ = resolve_config(parser.parse_args([*flags, "--agd-direction", "orthogonal"]))
+    assert config.agd_direction == "orthogonal" and config.flag_values()["agd_direction"] == "orthogonal"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = build_optimizer("agd", model, direction=config.agd_direction)
+    assert [g["direction"] for g in opt.param_groups] == ["orthogonal"] * len(opt.param_groups) != []
+    assert resolve_config(parser.parse_args(flags))[0].agd_direction == "frobenius"
+    # a run directory written before the flag existed resumes with the paper's direction
+    out = tmp_path / "old"
+    out.mkdir()
+    saved = resolve_config(parser.parse_args([*flags, "--out", str(out)]))[0].flag_values()
+    del saved["agd_direction"]
+    (out / "config.json").write_text(json.dumps(saved))
+    resumed, resuming = resolve_config(parser.parse_args(["--out", str(out), "--resume"]))
+    assert resuming and resumed.agd_direction == "frobenius"

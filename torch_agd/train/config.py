@@ -21,6 +21,7 @@ from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, PAPER_ARCHS, check_arch
 from torch_agd.models.libraries import HF_DEPTH, HF_WIDTH
+from torch_agd.optim.orthogonalize import DIRECTIONS
 from torch_agd.train import rundir
 from torch_agd.train.fsdp import SHARDABLE
 from torch_agd.train.loop import LOSSES
@@ -57,6 +58,8 @@ FLAGS: dict[str, tuple] = {
                              "networks (fcn, vgg, resnet18, resnet50), auto for the others"),
     "momentum": (float, 0.0, "AGD's momentum (0: the paper's rule)"),
     "momentum_form": (str, "nesterov", "how AGD uses its momentum: nesterov or heavy-ball"),
+    "agd_direction": (str, "frobenius", "how AGD moves each matrix block: frobenius (the paper's g / ||g||_F) or "
+                                        "orthogonal (g's orthogonalisation, U V^T by Newton-Schulz; docs/rules.md)"),
     "train_bs": (int, 128, "global training batch size, split over processes"),
     "test_bs": (int, 128, "global evaluation batch size"),
     "epochs": (int, 200, "epochs to train"),
@@ -77,7 +80,7 @@ FLAGS: dict[str, tuple] = {
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
 CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
-           "momentum_form": MOMENTUM_FORMS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
+           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
@@ -131,6 +134,7 @@ class TrainConfig:
     agd_depth: str
     momentum: float
     nesterov: bool
+    agd_direction: str
     train_bs: int
     test_bs: int
     epochs: int
@@ -182,7 +186,7 @@ def _check_new(values: dict, given: dict) -> None:
     for flag in ("gain", "agd_depth", "momentum"):
         if flag in given and values["optimizer"] not in AGD_OPTIMIZERS:
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {values['optimizer']} takes --lr")
-    for flag in ("momentum", "momentum_form"):
+    for flag in ("momentum", "momentum_form", "agd_direction"):
         if flag in given and values["optimizer"] != "agd":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
     for flag in ("aux_lr", "muon_adjust_lr"):

@@ -258,11 +258,11 @@ def init_weights(name: str, model: nn.Module) -> None:
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
                     agd_depth: str | int | None = "weights", momentum: float = 0.0,
-                    nesterov: bool = True, init: bool = True, aux_lr: float | None = None,
+                    nesterov: bool = True, direction: str = "frobenius", init: bool = True, aux_lr: float | None = None,
                     muon_adjust_lr: str | None = None, example: torch.Tensor | None = None) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means default_lr(name).
     ``agd_depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``nesterov``
-    (False: heavy ball) apply to AGD. ``aux_lr`` (AdamW's lr, default 1e-3), ``muon_adjust_lr``
+    (False: heavy ball) and ``direction`` ("frobenius" or "orthogonal") apply to AGD. ``aux_lr`` (AdamW's lr, default 1e-3), ``muon_adjust_lr``
     ("original", the default, or "match_rms_adamw") and ``example`` (one model input, which finds
     the output head: muon.example_input) apply to Muon (MuonWithAdamW), which needs ``example``.
 
@@ -288,7 +288,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
     if name == "agd":
         from torch_agd import AGD
 
-        return AGD(model, gain=gain, depth=parse_agd_depth(agd_depth), momentum=momentum, nesterov=nesterov)
+        return AGD(model, gain=gain, depth=parse_agd_depth(agd_depth), momentum=momentum, nesterov=nesterov,
+                   direction=direction)
     if name in PEERS:
         return build_peer(name, model.parameters(), lr=lr)
     check_lr(name, lr)

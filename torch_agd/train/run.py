@@ -238,7 +238,8 @@ def _build(config: TrainConfig, env: DistEnv):
     if config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
         fsdp.shard_model(model, env)
     optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
-                                momentum=config.momentum, nesterov=config.nesterov, init=False, aux_lr=config.aux_lr,
+                                momentum=config.momentum, nesterov=config.nesterov, direction=config.agd_direction,
+                                init=False, aux_lr=config.aux_lr,
                                 muon_adjust_lr=config.muon_adjust_lr,
                                 example=example_input(info) if config.optimizer == "muon" else None)
     return model, optimizer
