@@ -97,6 +97,12 @@ CASES = {
     # Sharded by torch_agd.train.fsdp.shard_model as the trainer shards it, with the L of the
     # unsharded model given explicitly (the sharded model must infer the same).
     "tied-lm": dict(model="tied-lm", trainer_policy=True, depth_of_the_unsharded_model=True),
+    # direction="orthogonal": each matrix's direction is all-gathered and orthogonalised whole
+    "mlp-orthogonal": dict(model="mlp", momentum=0.9, direction="orthogonal"),
+    "conv-orthogonal-per-tensor": dict(model="conv", foreach=False, direction="orthogonal"),
+    "tied-lm-orthogonal": dict(model="tied-lm", trainer_policy=True, depth_of_the_unsharded_model=True,
+                               direction="orthogonal"),
+    "mlp-hsdp-orthogonal": dict(model="mlp", hsdp=True, direction="orthogonal"),
 }
 
 
@@ -148,7 +154,7 @@ def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts:
             if next(child.parameters(), None) is not None:
                 fully_shard(child, **kwargs)
         fully_shard(model, **kwargs)
-    options = {k: spec[k] for k in ("foreach", "momentum") if k in spec}
+    options = {k: spec[k] for k in ("foreach", "momentum", "direction") if k in spec}
     if spec.get("depth_of_the_unsharded_model"):
         options["depth"] = AGD(ref).depth
     opt, ref_opt = AGD(model, **options), AGD(ref, **options)

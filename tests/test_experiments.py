@@ -497,3 +497,15 @@ def test_a_finished_run_without_metrics_is_resumed_not_skipped(tmp_path):
     assert sweep.run(_sweep_args("batch", tmp_path, seeds=1), runner=trainer) == 0
     assert [Path(_flags(c)["out"]).name for c in trainer.calls] == ["bs128-s0"]
     assert "--resume" in trainer.calls[0]
+
+
+def test_a_page_of_some_grids_shows_those_alone_and_names_its_command(tmp_path):
+    write_pinned_runs(tmp_path)
+    grids = {g: runs for g, runs in results.read_grids(tmp_path).items() if g == "libraries"}
+    page = results.render_markdown(Path("runs"), grids, {"libraries": "figures/libraries.png"}, ["libraries"])
+    assert "`python -m torch_agd.experiments.results runs --grids libraries`" in page
+    assert page.count("\n## ") == 2 and "## AGD(model) on a timm model" in page and "Not run" not in page
+    full = results.render_markdown(Path("runs"), grids, {"libraries": "figures/libraries.png"})
+    assert full.count("Not run: no runs under") == len(results.GRID_ORDER) - 1
+    with pytest.raises(UsageError, match="unknown grid in --grids nope"):
+        results.render_page(tmp_path, tmp_path / "page.md", tmp_path / "figures", ["nope"])

@@ -44,6 +44,10 @@ BLOCKS = {"mlp": 1 + 1 + 1 + 1, "conv": 9 + 1 + 9 + 1,
           # 3 LayerNorms
           "tied-lm": 6 + 20 + 3 + 3 + 3}
 CASES = [name for name in fsdp_driver.CASES]
+# direction="orthogonal": each sharded matrix's direction, and its joined bias's, is all-gathered
+# once per step (mlp: 3 weights, 2 biases; conv: 2 convs, 1 conv bias, the linear and its bias;
+# tied-lm: in_proj, out_proj, linear1, linear2, each with its bias; the tied table is not a matrix).
+GATHERS = {"mlp": 5, "conv": 5, "tied-lm": 8}
 
 
 # ------------------------------------------------------------------ the optimizer on 2 ranks
@@ -71,8 +75,11 @@ def test_sharded_weights_match_one_process_after_15_steps(stepped, case):
     names = {name for name, _ in fsdp_driver.MODELS[fsdp_driver.CASES[case]["model"]][0]().named_parameters()}
     for rank, seen in enumerate(stepped[case]):
         assert names and set(seen["errors"]) == set(seen["moved"]) == set(seen["shapes"]) == names, rank
+        # Newton–Schulz lifts small singular values by up to a**5 ~ 490 (orthogonalize.py), so
+        # the float32 rounding in which the sharded and one-process gradients differ grows more.
+        tol = 1e-4 if fsdp_driver.CASES[case].get("direction") == "orthogonal" else 1e-5
         for name, err in seen["errors"].items():
-            assert err <= 1e-5, (rank, name, err)
+            assert err <= tol, (rank, name, err)
             assert seen["moved"][name] > 1e-3, (rank, name)  # trained, not two copies of the start
         for name, shape in seen["shapes"].items():
             assert shape["type"] == "DTensor", (name, shape)
@@ -101,14 +108,19 @@ def test_eta_is_the_same_on_every_rank_and_matches_one_process(stepped, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
-def test_a_step_sends_one_all_reduce_of_the_squared_block_norms_and_gathers_nothing(stepped, case):
+def test_a_step_sends_one_all_reduce_of_the_squared_block_norms_and_gathers_only_orthogonal_directions(stepped, case):
     spec = fsdp_driver.CASES[case]
     # With momentum the norms of the buffers travel too, in the same call.
     entries = BLOCKS[spec["model"]] * (2 if spec.get("momentum") else 1)
+    # the orthogonal direction gathers each matrix's direction (none on a shard group of one: HSDP's)
+    gathers = GATHERS[spec["model"]] if spec.get("direction") == "orthogonal" and not spec.get("hsdp") else 0
     for seen in stepped[case]:
         assert len(seen["collectives"]) == fsdp_driver.STEPS
         for step, calls in enumerate(seen["collectives"]):
-            assert calls == [["c10d.allreduce_.default", [[[entries], "torch.float32"]]]], (step, calls)
+            gathered = [c for c in calls if c[0] == "_c10d_functional.all_gather_into_tensor.default"]
+            assert len(gathered) == gathers, (step, calls)
+            others = [c for c in calls if not c[0].startswith("_c10d_functional.")]  # a gather's wait and wrap
+            assert others == [["c10d.allreduce_.default", [[[entries], "torch.float32"]]]], (step, calls)
 
 
 @pytest.mark.slow

@@ -78,7 +78,7 @@ def test_every_optimizer_trains_an_hf_model(optimizer):
                              "schedulefree": "schedulefree"}[optimizer])
     torch.manual_seed(0)
     model = build_model("hf:llama", TEXT, width=32, depth=1)
-    opt = build_optimizer(optimizer, model, agd_depth="auto")
+    opt = build_optimizer(optimizer, model, agd_depth="auto", example=torch.zeros(1, 16, dtype=torch.long))
     if hasattr(opt, "train"):
         opt.train()
     ids = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0))

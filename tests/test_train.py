@@ -31,6 +31,7 @@ from torch_agd.train import run as run_module
 from torch_agd.train.dist import DistEnv
 from torch_agd.train.loop import LOSSES, evaluate, mse_loss, train_epoch
 from torch_agd.train.optimizers import PEER_CLASSES, PEERS, PIP_HINT, build_optimizer, build_peer
+from torch_agd.train.schedule import build_scheduler, multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"epoch", "train_loss", "train_acc", "test_loss", "test_acc", "eta_mean", "eta_min",
@@ -143,6 +144,72 @@ def test_a_missing_peer_package_is_a_one_line_error_naming_the_extra(name, monke
     with pytest.raises(UsageError) as err:
         build_optimizer(name, _fcn())
     assert str(err.value) == f"optimizer '{name}' needs the {module} package ({module} is missing): {PIP_HINT}"
+
+
+# ------------------------------------------------------------------ the lr schedule
+
+
+@pytest.mark.parametrize("schedule, mid, end", [("none", 1.0, 1.0), ("linear", 0.5, 1 / 8),
+                                                ("cosine", 0.5, (1 + math.cos(7 * math.pi / 8)) / 2)])
+def test_the_schedules_multiplier_warms_up_then_decays_to_zero_at_the_budget(schedule, mid, end):
+    f = multiplier(schedule, total=10, warmup=2)
+    assert (f(0), f(1)) == (0.5, 1.0)  # linear warmup: (t + 1) / W, no step at 0
+    assert f(2) == 1.0 and f(6) == pytest.approx(mid) and f(9) == pytest.approx(end)  # p = (t - 2) / 8
+    assert f(10) == pytest.approx(0.0 if schedule != "none" else 1.0, abs=1e-12)  # after the last step
+    assert multiplier(schedule, total=4)(0) == 1.0  # no warmup: the first step at the full lr
+    with pytest.raises(UsageError, match="^--warmup 10 leaves none of the run's 10 steps"):
+        multiplier(schedule, total=10, warmup=10)
+
+
+@pytest.mark.parametrize("name", ["agd", "agd+adamw", "adamw", "muon"])
+def test_the_schedule_scales_every_optimizers_step(name):
+    # AGD's lr is a multiplier on its own step (1 by default): the schedule scales it as any lr.
+    def moved(factor):
+        model = _fcn()
+        opt = build_optimizer(name, model, example=torch.zeros(1, 1, 28, 28))
+        build_scheduler(opt, "linear", total=2)  # multiplier 1 at step 0
+        for group in opt.param_groups:
+            group["lr"] *= factor
+        start = [p.detach().clone() for p in model.parameters()]
+        x, y = _batches(1)[0]
+        mse_loss(model(x), y).backward()
+        opt.step()
+        return [p.detach() - s for p, s in zip(model.parameters(), start)]
+
+    for whole, half in zip(moved(1.0), moved(0.5), strict=True):
+        torch.testing.assert_close(half, 0.5 * whole, rtol=1e-4, atol=1e-7)
+        assert whole.abs().sum() > 0
+
+
+def test_the_schedule_and_muons_flags_in_the_config():
+    config = _config("--optimizer", "muon", "--schedule", "cosine", "--warmup", "5")
+    assert (config.schedule, config.warmup, config.lr, config.aux_lr, config.muon_adjust_lr) == \
+        ("cosine", 5, 0.02, 1e-3, "original")
+    config = _config("--optimizer", "muon", "--muon-adjust-lr", "match_rms_adamw", "--aux-lr", "3e-3")
+    assert (config.lr, config.aux_lr, config.muon_adjust_lr) == (1e-3, 3e-3, "match_rms_adamw")
+    plain = _config("--optimizer", "adamw")
+    assert (plain.schedule, plain.warmup, plain.aux_lr, plain.muon_adjust_lr) == ("none", 0, None, None)
+    for flags, message in [(("--optimizer", "adam", "--muon-adjust-lr", "original"),
+                            "--muon-adjust-lr only applies to --optimizer muon"),
+                           (("--aux-lr", "0.1"), "--aux-lr only applies to --optimizer muon"),
+                           (("--warmup", "-1"), "--warmup must be 0 or more steps, got -1")]:
+        with pytest.raises(UsageError) as err:
+            _config(*flags)
+        assert str(err.value) == message
+
+
+@pytest.mark.slow
+def test_a_scheduled_run_ends_at_lr_zero_and_records_its_schedule(fake_fashion, tmp_path, capsys):
+    out = tmp_path / "run"  # 192 samples at batch 32: 6 steps an epoch, 12 in all
+    assert main(_argv(fake_fashion, out, 2, "--optimizer", "muon", "--schedule", "linear", "--warmup", "2")) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["schedule"], config["warmup"], config["muon_adjust_lr"], config["aux_lr"]) == ("linear", 2, "original", 1e-3)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert state["scheduler"]["last_epoch"] == 12
+    assert [g["lr"] for part in state["optimizer"].values() for g in part["param_groups"]] == [0.0, 0.0]
+    assert main(_argv(fake_fashion, tmp_path / "long", 1, "--warmup", "6")) == 2  # 6 steps: nothing to decay
+    assert capsys.readouterr().err.endswith("--warmup 6 leaves none of the run's 6 steps to decay over; "
+                                            "warm up for fewer steps\n")
 
 
 # ------------------------------------------------------------------ one epoch
@@ -308,7 +375,8 @@ def test_the_agd_inside_agd_adamw_reports_its_eta_and_depth(fake_fashion, tmp_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["agd", "agd --momentum 0.9", "schedulefree"])
+@pytest.mark.parametrize("optimizer", ["agd", "agd --momentum 0.9", "schedulefree", "muon",
+                                       "muon --schedule cosine --warmup 3", "agd --schedule linear --warmup 2"])
 def test_ctrl_c_keeps_the_last_checkpoint_and_resume_matches_an_uninterrupted_run(fake_fashion, tmp_path,
                                                                                   monkeypatch, capsys, optimizer):
     # AGD with momentum: the buffers must come back from the checkpoint exactly
@@ -463,7 +531,8 @@ def test_resume_reads_a_config_json_written_before_a_flag_existed(fake_fashion, 
     for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
         (out / name).unlink()
     config = json.loads((out / "config.json").read_text())
-    for key in ("loss", "agd_depth", "momentum_form", "agd_L"):  # flags and records added since 0.1
+    for key in ("loss", "agd_depth", "momentum_form", "agd_L", "aux_lr", "muon_adjust_lr", "schedule",
+                "warmup"):  # flags and records added since 0.1
         del config[key]
     (out / "config.json").write_text(json.dumps(config))
     assert main(["train", "--out", str(out), "--resume"]) == 0
@@ -490,6 +559,28 @@ def test_under_fsdp_the_optimizer_is_built_once_on_the_shards(fake_fashion, tmp_
     monkeypatch.setattr(run_module, "build_optimizer", spy)
     assert main(_argv(fake_fashion, tmp_path / "run", 1, "--fsdp")) == 0  # a 1-rank FSDP job
     assert built == [True]
+
+
+@pytest.mark.slow
+def test_an_fsdp_run_keeps_its_schedule_across_a_resume(fake_fashion, tmp_path, monkeypatch):
+    # Under --fsdp the scheduler's state goes to train_state.pt beside the shards.
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    flags = ("--fsdp", "--optimizer", "adamw", "--schedule", "cosine", "--warmup", "2")
+    assert main(_argv(fake_fashion, tmp_path / "whole", 2, *flags)) == 0
+    calls, real_evaluate = [], run_module.evaluate
+
+    def evaluate_then_ctrl_c(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate", evaluate_then_ctrl_c)
+    assert main(_argv(fake_fashion, tmp_path / "cut", 2, *flags)) == 130
+    monkeypatch.setattr(run_module, "evaluate", real_evaluate)
+    assert main(["train", "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    assert _without_timing(metrics_rows(tmp_path / "cut")) == _without_timing(metrics_rows(tmp_path / "whole"))
 
 
 # ------------------------------------------------------------------ real processes, real data
@@ -531,3 +622,27 @@ def test_sigkill_then_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_pa
     assert _without_timing(metrics_rows(killed)) == _without_timing(metrics_rows(tmp_path / "whole"))
     assert json.loads((killed / "summary.json").read_text())["test_acc"] == metrics_rows(killed)[-1]["test_acc"]
     assert metrics_rows(killed)[-1]["test_acc"] > 0.7  # real data: a small FCN learns in 3 epochs
+
+
+def test_agd_direction_reaches_the_optimizer_and_old_runs_read_as_frobenius(tmp_path):
+    import argparse
+
+    from torch_agd.train.config import add_arguments, resolve_config
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = ["--arch", "fcn", "--dataset", "fashion-mnist", "--depth", "3", "--width", "8"]
+    config, _ = resolve_config(parser.parse_args([*flags, "--agd-direction", "orthogonal"]))
+    assert config.agd_direction == "orthogonal" and config.flag_values()["agd_direction"] == "orthogonal"
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    opt = build_optimizer("agd", model, direction=config.agd_direction)
+    assert [g["direction"] for g in opt.param_groups] == ["orthogonal"] * len(opt.param_groups) != []
+    assert resolve_config(parser.parse_args(flags))[0].agd_direction == "frobenius"
+    # a run directory written before the flag existed resumes with the paper's direction
+    out = tmp_path / "old"
+    out.mkdir()
+    saved = resolve_config(parser.parse_args([*flags, "--out", str(out)]))[0].flag_values()
+    del saved["agd_direction"]
+    (out / "config.json").write_text(json.dumps(saved))
+    resumed, resuming = resolve_config(parser.parse_args(["--out", str(out), "--resume"]))
+    assert resuming and resumed.agd_direction == "frobenius"

@@ -33,6 +33,8 @@ class Blocks:
     row_dims: int = 1       # leading dims that index rows (0 for a 0-d parameter)
     kernel_dims: int = 0    # trailing dims that index kernel positions (a conv weight's k1, k2...)
     in_every_kernel_position: bool = False
+    transposed: bool = False  # blocks stored as the transpose of their maps, (in, out) (weight_t, stacked_t)
+    joined: bool = False      # a bias's: the constant input's column of its partner's blocks
 
     @property
     def count(self) -> int:
@@ -47,7 +49,7 @@ def joined_to(partner: Blocks, shape: tuple) -> Blocks:
     """The blocks of a bias of ``shape`` that joins ``partner``'s: one entry per row of the
     partner, in its row blocks and (spread over them) kernel positions, at its scale."""
     return Blocks(math.prod(shape), partner.row_blocks, 1, partner.k, partner.scale, row_dims=len(shape),
-                  in_every_kernel_position=partner.k > 1)
+                  in_every_kernel_position=partner.k > 1, joined=True)
 
 
 def partner_names(name: str) -> list[str]:

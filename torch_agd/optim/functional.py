@@ -9,7 +9,9 @@ one per kernel position, ...), with gradients g of a mean-reduced loss and depth
 
 where the direction d is g itself, or with momentum beta > 0, g + beta * m for a buffer
 m <- beta * m + g (Nesterov's form; heavy ball, m itself, with nesterov=False); G and eta come
-from g alone. Two implementations: `_single_tensor_agd` reads like the formulas;
+from g alone. With direction="orthogonal" a block of a matrix kind (rules.Rule.matrix) moves by
+lr * gain * (eta / L) * s(B) * O(d(B)) instead, O(X) ~ U Vᵀ of X = U S Vᵀ (orthogonalize.py).
+Two implementations: `_single_tensor_agd` reads like the formulas;
 `_multi_tensor_agd` batches the same arithmetic (one flat vector of block norms, foreach ops,
 layouts worked out once in foreach_plan.py). Neither reads a GPU value on the host: eta and
 whether G was finite stay 0-d tensors on the device. (On the CPU the batched path does look at
@@ -26,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import foreach_plan, sharding
+from . import foreach_plan, orthogonalize, sharding
 from ..errors import UsageError
 from .blocks import Assigned, Placement
 from .rules import Rule, Weight, rule_for
@@ -48,6 +50,8 @@ class ParamStep:
     placement: Placement
     mult: float | Tensor
     mesh: object | None = None   # the device mesh of a sharded (DTensor) parameter
+    orthogonal: bool = False     # its matrix blocks move by O(D(B)) (orthogonalize.py), not D(B)/||D(B)||
+    sharded_direction: Tensor | None = None  # a sharded parameter's whole direction (a DTensor)
 
 
 def _eta(G: Tensor) -> Tensor:
@@ -109,9 +113,19 @@ def _block_factor(f: Tensor, x: Tensor, e: Placement) -> Tensor:
     return per_row.view(e.n, 1, k_own).expand(e.n, b.inner, k_own).reshape(x.shape)
 
 
-def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_reduce) -> tuple[Tensor, Tensor]:
-    """Reference path, per tensor. Returns (eta before lr and gain, whether G was finite)."""
+def _unit_norms(norms_d: Tensor, unit: Tensor | None) -> Tensor:
+    """The direction norms the factors divide by: 1 for the blocks whose update is already
+    O(D(B)) (the orthogonal direction), whose size is set by s(B) alone."""
+    return norms_d if unit is None else norms_d.masked_fill(unit, 1.0)
+
+
+def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_reduce,
+                       moves: list[Tensor] | None = None, unit: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Reference path, per tensor. Returns (eta before lr and gain, whether G was finite).
+    ``moves``: what each tensor moves along (default its direction), ``unit``: the blocks whose
+    move is not normalised (see step_blocks)."""
     weights, grads, dirs, placements, mults = _lists(steps)
+    moves = dirs if moves is None else moves
     main = weights[0].device
     acc = _widest(grads)
     sq_g = torch.zeros(n_blocks, dtype=acc, device=main)
@@ -128,9 +142,9 @@ def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_re
     G = (scales * sq_g.sqrt()).sum() / depth
     finite = torch.isfinite(G)
     eta = torch.where(finite, _eta(G), 0.0)  # a non-finite G must not reach the weights
-    f = eta / depth * scales / sq_d.sqrt().clamp_min(_NORM_FLOOR)
+    f = eta / depth * scales / _unit_norms(sq_d.sqrt(), unit).clamp_min(_NORM_FLOOR)
     f = torch.where(finite, f, 0.0)
-    for w, d, e, mult in zip(weights, dirs, placements, mults):
+    for w, d, e, mult in zip(weights, moves, placements, mults):
         if not e.n:
             continue
         step = _block_factor(f.to(w.device), d, e) * mult
@@ -143,10 +157,14 @@ def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_re
 
 
 def _multi_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_reduce,
-                      plans: dict | None = None) -> tuple[Tensor, Tensor]:
+                      plans: dict | None = None, moves: list[Tensor] | None = None,
+                      unit: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Same arithmetic with batched ops. ``plans`` caches layouts between steps (foreach_plan.py);
-    None rebuilds it, as does tracing under torch.compile (the trace keeps what it needs)."""
+    None rebuilds it, as does tracing under torch.compile (the trace keeps what it needs).
+    ``moves`` and ``unit`` as in _single_tensor_agd (a move is laid out like its direction, so
+    the plan's views of the directions fit it)."""
     weights, grads, dirs, placements, mults = _lists(steps)
+    moves = dirs if moves is None else moves
     main = weights[0].device
     acc = _widest(grads)
     compiling = torch.compiler.is_compiling()
@@ -170,7 +188,7 @@ def _multi_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_red
     if host and not finite:
         return eta, finite
     norms_d = norms_g if sq_d is sq_g else sq_d.sqrt_()
-    f = (eta / depth) * p.scales / norms_d.clamp_min(_NORM_FLOOR)
+    f = (eta / depth) * p.scales / _unit_norms(norms_d, unit).clamp_min(_NORM_FLOOR)
     if not host:  # a NaN norm makes its factor NaN too
         f = torch.where(finite, f, 0)
     same = all(m is mults[0] for m in mults) or (
@@ -185,7 +203,7 @@ def _multi_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_red
         for i in idx:
             rows = p.tensors[i].rows_view_update
             ws.append(weights[i] if rows is None else rows.of(weights[i]))
-            ds.append(dirs[i] if rows is None else rows.of(dirs[i]))
+            ds.append(moves[i] if rows is None else rows.of(moves[i]))
         if host:
             torch._foreach_addcmul_(ws, ds, cs, value=-1)
         else:  # factors of differing shapes make foreach loop per tensor anyway; this way only
@@ -207,20 +225,39 @@ def step_blocks(steps: list[ParamStep], *, depth: int, n_blocks: int, foreach: b
     if all_reduce is not None and len(meshes) < len(steps):
         raise UsageError("AGD steps a model sharded by FSDP2 whole: every trained parameter must be a DTensor "
                          "(apply fully_shard to the root module too)")
+    moves, unit = _orthogonal_moves(steps, n_blocks)
     if foreach:
         if plans is not None and len(plans) > 8:  # layouts keep changing (grads come and go): do not hoard
             plans.clear()
-        return _multi_tensor_agd(steps, depth, n_blocks, all_reduce, plans)
-    return _single_tensor_agd(steps, depth, n_blocks, all_reduce)
+        return _multi_tensor_agd(steps, depth, n_blocks, all_reduce, plans, moves, unit)
+    return _single_tensor_agd(steps, depth, n_blocks, all_reduce, moves, unit)
 
 
-def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str, mult) -> list[ParamStep]:
+def _orthogonal_moves(steps: list[ParamStep], n_blocks: int) -> tuple[list[Tensor] | None, Tensor | None]:
+    """Under the orthogonal direction: what every tensor moves along (O(D(B)) for the matrix
+    blocks, computed once here for both paths, the direction elsewhere) and the mask of the blocks
+    that moves so are not normalised again. (None, None) when no step asks for it: the paper's
+    rule runs exactly as without this function."""
+    if not any(s.orthogonal for s in steps):
+        return None, None
+    updates, ranges = orthogonalize.orthogonal_updates(steps)
+    unit = torch.zeros(n_blocks, dtype=torch.bool, device=steps[0].weight.device)
+    for base, count in ranges:
+        unit[base:base + count] = True  # a fill on the device: nothing read back
+    return [u if u is not None else s.direction for u, s in zip(updates, steps, strict=True)], unit
+
+
+def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str, mult,
+                orthogonal: bool = False) -> list[ParamStep]:
     """``p``'s ParamSteps, one per piece of its blocks (blocks.Assigned): local shards of a
-    DTensor, and a third of a split in_proj_bias each."""
+    DTensor, and a third of a split in_proj_bias each. ``orthogonal``: its blocks are matrices
+    and its group's direction is "orthogonal"."""
     out = []
     for a in assigned:
         w_, g_, d_, r0, n, contributes, mesh = p, grad, direction, 0, a.blocks.rows, True, None
+        whole = None
         if sharding.is_sharded(p):
+            whole = direction
             w_, g_, r0, n, contributes, mesh = sharding.local(p, grad, name, a.blocks.row_dims)
             d_ = direction.to_local() if direction is not grad else g_
         if a.rows is not None:
@@ -228,7 +265,8 @@ def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str,
                 raise UsageError(f"AGD cannot step the sharded {name}: an in_proj_bias of separate q, k, v "
                                  "weights must not be sharded")
             w_, g_, d_ = w_[a.rows], g_[a.rows], d_[a.rows]
-        out.append(ParamStep(w_, g_, d_, Placement(a.blocks, a.base, r0, n, contributes), mult, mesh))
+        out.append(ParamStep(w_, g_, d_, Placement(a.blocks, a.base, r0, n, contributes), mult, mesh, orthogonal,
+                             whole))
     return out
 
 
@@ -256,7 +294,7 @@ def clear_if_skipped(buffers: list[Tensor], finite: Tensor) -> None:
 def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: list[Tensor | None] | None = None, *,
         rules: Sequence[Rule | str] | None = None, depth: int | None = None, lr: float | Tensor = 1.0,
         gain: float = 1.0, momentum: float = 0.0, nesterov: bool = True, maximize: bool = False,
-        foreach: bool | None = None) -> tuple[Tensor, Tensor]:
+        foreach: bool | None = None, direction: str = "frobenius") -> tuple[Tensor, Tensor]:
     """One AGD step on ``params`` in place, given their ``grads``; see the module docstring.
 
     Each tensor is cut into blocks by its rule (``rules``: a Rule or kind name per tensor;
@@ -266,6 +304,8 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
     one buffer (or None, filled in with a new one) per tensor, updated in place. Returns (eta
     before lr and gain, whether the step was taken: False when G was not finite, which leaves
     the weights alone and zeroes the momentum buffers), both 0-d tensors on the device.
+    ``direction="orthogonal"`` moves the matrix blocks of tensors whose rule is a matrix kind by
+    O(d(B)) (orthogonalize.py) rather than d(B) / ||d(B)||_F.
     """
     params, grads = list(params), list(grads)
     if len(params) != len(grads):
@@ -282,6 +322,7 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
         depth = sum(r.layer for r in rules)
     if not (isinstance(depth, int) and depth >= 1):
         raise UsageError(f"agd needs depth L >= 1 (no layer to count, or depth={depth!r} given): pass depth=")
+    orthogonalize.check_direction(direction)
     mult = -lr * gain if maximize else lr * gain
     steps, buffers, base = [], [], 0
     for i, (p, g, rule) in enumerate(zip(params, grads, rules, strict=True)):
@@ -294,7 +335,8 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
             buffers.append(momentum_buffers[i])
             d = momentum_direction(g, momentum_buffers[i], momentum, nesterov)
         b = rule.blocks(p.shape)
-        steps.extend(param_steps(p, g, d, [Assigned(b, base)], name, mult))
+        steps.extend(param_steps(p, g, d, [Assigned(b, base)], name, mult,
+                                 orthogonal=direction == "orthogonal" and rule.matrix))
         base += b.count
     eta, finite = step_blocks(steps, depth=depth, n_blocks=base, foreach=foreach is not False)
     if buffers:

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from ..errors import UsageError
 from .blocks import assign_blocks
 from .depth import infer_depth
+from .orthogonalize import check_direction
 from .functional import ParamStep, clear_if_skipped, momentum_direction, param_steps, step_blocks
 from .rules import default_kind, group_rule, module_param_groups, rule_for
 
@@ -42,6 +43,7 @@ def _check_group(group: dict, where: str) -> None:
         raise UsageError(f"AGD momentum{where} must be in [0, 1), got {beta!r}")
     if not isinstance(group["nesterov"], bool):
         raise UsageError(f"AGD nesterov{where} must be True or False, got {group['nesterov']!r}")
+    check_direction(group["direction"], where)
     depth = group["depth"]
     if not (depth is None or depth == "weights" or isinstance(depth, int) and not isinstance(depth, bool) and depth > 0):
         raise UsageError(f"AGD depth{where} must be a positive integer, 'weights' or None, got {depth!r}")
@@ -86,6 +88,12 @@ class AGD(Optimizer):
         nesterov: False normalises m itself (heavy ball) instead of g + beta * m.
         maximize: ascend instead of descend.
         foreach: the batched implementation (default True on every device).
+        direction: "frobenius" (the paper's rule: every block moves along D(B) / ||D(B)||_F) or
+            "orthogonal": each block of a matrix kind (linear and conv weights per kernel position
+            and conv group, q, k, v, each stacked expert, with a joined bias as its last column)
+            moves along O(D(B)) ~ U Vᵀ by Newton–Schulz, spending its whole spectral-norm budget
+            (eta / L) * s(B); embeddings, norms, raw parameters keep the Frobenius rule, and G
+            and eta are computed as before. A joined bias moves with its layer's direction.
 
     After a step, ``eta`` is the 0-d tensor eta (before lr and gain) that the step used (0 for a
     step skipped because G was not finite), ``skipped_steps`` counts those skips and ``steps``
@@ -95,12 +103,13 @@ class AGD(Optimizer):
     """
 
     def __init__(self, params, lr: float | Tensor = 1.0, *, gain: float = 1.0, depth: int | str | None = None,
-                 momentum: float = 0.0, nesterov: bool = True, maximize: bool = False, foreach: bool | None = None):
+                 momentum: float = 0.0, nesterov: bool = True, maximize: bool = False, foreach: bool | None = None,
+                 direction: str = "frobenius"):
         module = params if isinstance(params, nn.Module) else None
         if module is not None:
             params = module_param_groups(module)
         defaults = dict(lr=lr, gain=gain, depth=depth, momentum=momentum, nesterov=nesterov, maximize=maximize,
-                        foreach=foreach)
+                        foreach=foreach, direction=direction)
         _check_group(defaults, "")
         self._new_cache()
         self._constructing = True
@@ -217,6 +226,7 @@ class AGD(Optimizer):
         self._constructing = False
         for group in self.param_groups:  # groups saved before a flag existed run as its default did
             group.setdefault("nesterov", True)
+            group.setdefault("direction", "frobenius")
         # load_state_dict casts every floating-point state tensor it loads to its parameter's dtype
         # (for momentum buffers) and so turns the counters into floats: they are counts again.
         first = self.state.get(self.param_groups[0]["params"][0]) if self.param_groups else None
@@ -233,6 +243,7 @@ class AGD(Optimizer):
         if group["maximize"]:
             mult = -mult
         beta = group["momentum"]
+        orthogonal = group["direction"] == "orthogonal" and group_rule(group).matrix
         steps, buffers = [], []
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -248,7 +259,7 @@ class AGD(Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 buffers.append(state["momentum_buffer"])
                 d = momentum_direction(g, state["momentum_buffer"], beta, group["nesterov"])
-            steps.extend(param_steps(p, g, d, structure[id(p)], name, mult))
+            steps.extend(param_steps(p, g, d, structure[id(p)], name, mult, orthogonal))
         return steps, buffers
 
     @torch.no_grad()

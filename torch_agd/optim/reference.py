@@ -149,3 +149,58 @@ def stacked_blocks(i, shape, transposed=False, bias=None):
     d_out, d_in = (b, a) if transposed else (a, b)
     s = math.sqrt(d_out / (d_in + (bias is not None)))
     return [([(i, (e,))] + ([] if bias is None else [(bias, (e,))]), s) for e in range(experts)]
+
+
+def polar_by_svd(m):
+    """U Vᵀ of m = U S Vᵀ, exactly (float64)."""
+    u, _, vh = torch.linalg.svd(m.double(), full_matrices=False)
+    return u @ vh
+
+
+def as_matrices(blocks, transposed=False):
+    """Mark blocks (from weight_blocks, attention_blocks, stacked_blocks) as matrix blocks for
+    reference_orthogonal_step: their first piece selects the (d_out, d_in) matrix, stored
+    (d_in, d_out) if ``transposed``; any further piece is a joined bias, one more column."""
+    return [(pieces, s, "matrix_t" if transposed else "matrix") for pieces, s in blocks]
+
+
+def reference_orthogonal_step(values, grads, blocks, depth, mults=None, directions=None, orthogonalise=polar_by_svd):
+    """(new values, eta) after one step of the orthogonal direction over ``blocks``: entries
+    (pieces, s) move as in reference_blocks_step (by the direction's block over its Frobenius
+    norm); entries (pieces, s, "matrix" | "matrix_t") build the matrix [D(W) | D(b) ...] from
+    their pieces, and move by s * O([D(W) | D(b)]), split back. G and eta come from the gradients'
+    Frobenius norms, the moves from ``directions`` (default the gradients). A zero block stays."""
+    values = [v.detach().double().clone() for v in values]
+    grads = [g.detach().double() for g in grads]
+    dirs = grads if directions is None else [d.detach().double() for d in directions]
+    mults = mults or [1.0] * len(values)
+    G = 0.0
+    for pieces, s, *_ in blocks:
+        G += s * math.sqrt(sum(float(_get(grads[i], idx).square().sum()) for i, idx in pieces))
+    G /= depth
+    eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
+    moves = [torch.zeros_like(v) for v in values]
+
+    def add(i, idx, step):
+        if idx and idx[0] == "flat":
+            moves[i].view(-1)[idx[1]] += step
+        else:
+            moves[i][idx] += step
+
+    for pieces, s, *kind in blocks:
+        n = math.sqrt(sum(float(_get(dirs[i], idx).square().sum()) for i, idx in pieces))
+        if n == 0:
+            continue
+        if not kind:
+            for i, idx in pieces:
+                add(i, idx, mults[i] * eta / depth * s * _get(dirs[i], idx) / n)
+            continue
+        (i, idx), *bias = pieces
+        w = _get(dirs[i], idx)
+        w = w.T if kind[0] == "matrix_t" else w
+        o = orthogonalise(torch.cat([w] + [_get(dirs[j], jdx).reshape(-1, 1) for j, jdx in bias], dim=1))
+        o_w = o[:, :w.shape[1]]
+        add(i, idx, mults[i] * eta / depth * s * (o_w.T if kind[0] == "matrix_t" else o_w))
+        for c, (j, jdx) in enumerate(bias):
+            add(j, jdx, mults[j] * eta / depth * s * o[:, w.shape[1] + c])
+    return [v - m for v, m in zip(values, moves, strict=True)], eta

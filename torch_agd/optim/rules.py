@@ -106,6 +106,20 @@ class Rule:
         """The blocks of a parameter of ``shape`` that joins ``partner``'s."""
         return joined_to(partner, tuple(shape))
 
+    def out_width(self, shape: tuple) -> int:
+        """How many outputs the map a parameter of ``shape`` holds produces (a table: its rows)."""
+        return shape[0]
+
+    def flat_matrices(self, t: torch.Tensor) -> torch.Tensor:
+        """A matrix rule's linear maps in ``t`` (the parameter or its gradient) as (n, out, in):
+        whole, with each conv filter flattened to a row (out, in·k...) per group, as Muon's
+        authors orthogonalise a conv (not AGD's blocks, one per kernel position)."""
+        raise ValueError(f"AGD kind {self.kind!r} holds no linear maps")
+
+    def from_flat_matrices(self, m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """The inverse of flat_matrices: (n, out, in) back in the layout of ``like``."""
+        return m.reshape(like.shape)
+
     def init_(self, p: torch.Tensor, blocks: Blocks, name: str, generator) -> None:
         """Set ``p`` as AGD starts it: for a matrix rule every block uniformly (semi-)orthogonal
         times its scale (the paper's initialisation); otherwise the module's own initialisation."""
@@ -130,7 +144,23 @@ class Weight(Rule):
         # per group d_out/d_in is the layer's own ratio
         d_out, d_in = (shape[1], shape[0] // self.groups) if self.transposed else (shape[0] // self.groups, shape[1])
         s = math.sqrt(d_out / (d_in + joined)) / math.sqrt(k)
-        return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2)
+        return Blocks(shape[0], self.groups, shape[1], k, s, kernel_dims=len(shape) - 2, transposed=self.transposed)
+
+    def out_width(self, shape):
+        return shape[1] * self.groups if self.transposed else shape[0]
+
+    def flat_matrices(self, t):
+        g = self.groups
+        if not self.transposed:  # (out, in/g, k...): each filter a row, per group
+            return t.reshape(g, t.shape[0] // g, -1)
+        rows, cols = t.shape[0] // g, t.shape[1]  # (in, out/g, k...): group g maps in/g to out/g
+        return t.reshape(g, rows, cols, -1).permute(0, 2, 1, 3).reshape(g, cols, -1)
+
+    def from_flat_matrices(self, m, like):
+        if not self.transposed:
+            return m.reshape(like.shape)
+        rows, cols = like.shape[0] // self.groups, like.shape[1]
+        return m.reshape(self.groups, cols, rows, -1).permute(0, 2, 1, 3).reshape(like.shape)
 
 
 class WeightT(Weight):
@@ -153,6 +183,9 @@ class Attention(Rule):
     def blocks(self, shape, joined=False):
         d = shape[1]
         return Blocks(shape[0], 3, d, 1, math.sqrt(d / (d + joined)))
+
+    def flat_matrices(self, t):
+        return t.reshape(3, t.shape[1], t.shape[1])  # q, k, v
 
 
 class Embedding(Rule):
@@ -237,7 +270,17 @@ class Stacked(Rule):
     def blocks(self, shape, joined=False):
         experts, rows, inner = shape
         d_out, d_in = (inner, rows) if self.transposed else (rows, inner)
-        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2)
+        return Blocks(experts * rows, experts, inner, 1, math.sqrt(d_out / (d_in + joined)), row_dims=2,
+                      transposed=self.transposed)
+
+    def out_width(self, shape):
+        return shape[2] if self.transposed else shape[1]
+
+    def flat_matrices(self, t):
+        return t.transpose(1, 2) if self.transposed else t
+
+    def from_flat_matrices(self, m, like):
+        return m.transpose(1, 2) if self.transposed else m.reshape(like.shape)
 
 
 class StackedT(Stacked):

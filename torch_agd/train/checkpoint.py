@@ -29,8 +29,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, *, model, optimizer, epoch: int, metrics: list[dict]) -> None:
-    """Save after ``epoch`` completed epochs; ``metrics`` is every epoch's row so far."""
+def save_checkpoint(path: str | os.PathLike, *, model, optimizer, epoch: int, metrics: list[dict],
+                    scheduler=None) -> None:
+    """Save after ``epoch`` completed epochs; ``metrics`` is every epoch's row so far;
+    ``scheduler``: the run's lr scheduler (--schedule, --warmup), if it has one."""
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -38,6 +40,8 @@ def save_checkpoint(path: str | os.PathLike, *, model, optimizer, epoch: int, me
         "metrics": metrics,
         "rng": rng_state(),
     }
+    if scheduler is not None:  # its step count; the multiplier itself is rebuilt from config.json
+        state["scheduler"] = scheduler.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getvalue())

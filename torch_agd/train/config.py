@@ -21,10 +21,13 @@ from torch_agd.data.loader import check_workers, local_batch_size
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, PAPER_ARCHS, check_arch
 from torch_agd.models.libraries import HF_DEPTH, HF_WIDTH
+from torch_agd.optim.orthogonalize import DIRECTIONS
 from torch_agd.train import rundir
 from torch_agd.train.fsdp import SHARDABLE
 from torch_agd.train.loop import LOSSES
+from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR
 from torch_agd.train.optimizers import AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
+from torch_agd.train.schedule import SCHEDULES
 
 MOMENTUM_FORMS = ("nesterov", "heavy-ball")  # --momentum-form; TrainConfig.nesterov means the first
 
@@ -37,15 +40,26 @@ FLAGS: dict[str, tuple] = {
     "loss": (str, None, "mse (the paper's square loss; the default for images) or xent (cross-entropy; "
                         "the default for text)"),
     "optimizer": (str, "agd", "agd, the baselines adam, adamw and sgd, agd+adamw (AGD on the weight matrices, "
-                              "AdamW on the rest), or a peer: " + ", ".join(PEERS)),
+                              "AdamW on the rest), muon (torch.optim.Muon on the hidden weight matrices, AdamW on "
+                              "the rest), or a peer: " + ", ".join(PEERS)),
     "lr": (float, None, "learning rate of a baseline or peer (" + ", ".join(f"{name} {lr:g}" for name, lr in
-                        DEFAULT_LR.items()) + ", peers their own); not for agd"),
+                        DEFAULT_LR.items()) + ", muon " + ", ".join(f"{lr:g} at {how}" for how, lr in
+                        DEFAULT_MUON_LR.items()) + ", peers their own); not for agd"),
+    "aux_lr": (float, None, f"learning rate of muon's AdamW part (embeddings, output head, biases, norms; default "
+                            f"{DEFAULT_LR['adamw']:g})"),
+    "muon_adjust_lr": (str, None, "muon's lr adjustment per matrix shape (torch's adjust_lr_fn): original "
+                                  "(Keller Jordan's, torch's default) or match_rms_adamw (Moonshot's: AdamW's update RMS)"),
+    "schedule": (str, "none", "lr multiplier over the run's steps, for every optimizer alike: none, linear or "
+                              "cosine (decay to zero at the last step)"),
+    "warmup": (int, 0, "steps of linear warmup of the lr multiplier before the schedule"),
     "gain": (float, 1.0, "AGD's gain, its only knob (the paper suggests trying 10)"),
     "agd_depth": (str, None, "AGD's depth L: auto (layers in series along the residual path), weights (one per "
                              "weight tensor, the paper's count) or a number; default weights for the paper's "
                              "networks (fcn, vgg, resnet18, resnet50), auto for the others"),
     "momentum": (float, 0.0, "AGD's momentum (0: the paper's rule)"),
     "momentum_form": (str, "nesterov", "how AGD uses its momentum: nesterov or heavy-ball"),
+    "agd_direction": (str, "frobenius", "how AGD moves each matrix block: frobenius (the paper's g / ||g||_F) or "
+                                        "orthogonal (g's orthogonalisation, U V^T by Newton-Schulz; docs/rules.md)"),
     "train_bs": (int, 128, "global training batch size, split over processes"),
     "test_bs": (int, 128, "global evaluation batch size"),
     "epochs": (int, 200, "epochs to train"),
@@ -66,7 +80,7 @@ FLAGS: dict[str, tuple] = {
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
 CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
-           "momentum_form": MOMENTUM_FORMS}
+           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
@@ -104,17 +118,23 @@ class TrainConfig:
     """One run, every flag resolved. ``depth`` is the FCN's (--depth) and nothing else's;
     ``agd_depth`` is AGD's L as given (auto, weights or a number); ``nesterov`` is
     --momentum-form nesterov (False: heavy-ball); ``lr`` is None for AGD and for a peer at its
-    package's own default."""
+    package's own default; ``aux_lr`` and ``muon_adjust_lr`` are Muon's (None for the others);
+    ``schedule`` and ``warmup`` shape every optimizer's lr over the run (schedule.py)."""
 
     arch: str
     dataset: str
     loss: str
     optimizer: str
     lr: float | None
+    aux_lr: float | None
+    muon_adjust_lr: str | None
+    schedule: str
+    warmup: int
     gain: float
     agd_depth: str
     momentum: float
     nesterov: bool
+    agd_direction: str
     train_bs: int
     test_bs: int
     epochs: int
@@ -166,9 +186,14 @@ def _check_new(values: dict, given: dict) -> None:
     for flag in ("gain", "agd_depth", "momentum"):
         if flag in given and values["optimizer"] not in AGD_OPTIMIZERS:
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {values['optimizer']} takes --lr")
-    for flag in ("momentum", "momentum_form"):
+    for flag in ("momentum", "momentum_form", "agd_direction"):
         if flag in given and values["optimizer"] != "agd":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
+    for flag in ("aux_lr", "muon_adjust_lr"):
+        if flag in given and values["optimizer"] != "muon":
+            raise UsageError(f"{_flag(flag)} only applies to --optimizer muon")
+    if values["warmup"] < 0:
+        raise UsageError(f"--warmup must be 0 or more steps, got {values['warmup']}")
     parse_agd_depth(values["agd_depth"])
     if values["dataset"] == "text" and values["data_dir"] is None:
         raise UsageError("--dataset text needs --data-dir FILE (a UTF-8 text file) or a directory of text files")
@@ -200,8 +225,12 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         return _resume(given), True
     values = {k: given.get(k, default) for k, (_, default, _) in FLAGS.items()}
     # The defaults that depend on another flag, each resolved here and nowhere else.
+    if values["optimizer"] == "muon":  # recorded, so config.json says what the run used
+        values["muon_adjust_lr"] = values["muon_adjust_lr"] or ADJUST_LR[0]
+        if values["aux_lr"] is None:
+            values["aux_lr"] = DEFAULT_LR["adamw"]
     if values["lr"] is None:
-        values["lr"] = default_lr(values["optimizer"])
+        values["lr"] = default_lr(values["optimizer"], values["muon_adjust_lr"])
     if values["loss"] is None:
         values["loss"] = "xent" if values["dataset"] in TEXT else "mse"
     if values["agd_depth"] is None:

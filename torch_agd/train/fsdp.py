@@ -168,7 +168,8 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metrics: list[dict], env: DistEnv) -> None:
+def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metrics: list[dict], env: DistEnv,
+                    scheduler=None) -> None:
     """Every rank writes its shards of the model and optimizer state (a collective); see above."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
@@ -182,7 +183,10 @@ def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metri
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if env.is_master:
         buffer = io.BytesIO()
-        torch.save({"epoch": epoch, "metrics": metrics, "rng": ckpt.rng_state()}, buffer)
+        train_state = {"epoch": epoch, "metrics": metrics, "rng": ckpt.rng_state()}
+        if scheduler is not None:  # the same on every rank: rank 0's is the run's
+            train_state["scheduler"] = scheduler.state_dict()
+        torch.save(train_state, buffer)
         atomic_write_bytes(tmp / TRAIN_STATE, buffer.getvalue())
         _fsync_dir(tmp)
         if final.exists():
@@ -196,7 +200,7 @@ def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metri
 
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer) -> dict:
     """Load the shards this rank holds now (on any number of ranks) into ``model`` and
-    ``optimizer`` (a collective); returns train_state.pt: epoch, metrics, rng."""
+    ``optimizer`` (a collective); returns train_state.pt: epoch, metrics, rng (and scheduler)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)

@@ -47,9 +47,10 @@ def _per_target(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterable[tuple[Tensor, Tensor]],
-                *, loss_fn, device: torch.device, amp: bool = False) -> dict[str, Tensor]:
+                *, loss_fn, device: torch.device, amp: bool = False, scheduler=None) -> dict[str, Tensor]:
     """Train on every batch once. Returns device tensors (no sync): loss_sum, correct, count
-    (this process's samples), and, where AGD steps (agd, agd+adamw), eta_sum/min/max."""
+    (this process's samples), and, where AGD steps (agd, agd+adamw), eta_sum/min/max.
+    ``scheduler`` (an lr scheduler, or None) steps once after every optimizer step."""
     agd = agd_of(optimizer)
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -64,6 +65,8 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Ite
         loss = loss_fn(logits.float(), y)
         loss.backward()
         optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
 
         loss_sum += loss.detach() * y.shape[0]
         correct += (logits.detach().argmax(dim=1) == y).sum()

@@ -18,6 +18,10 @@ The trainer calls those methods whenever the optimizer has them (see docs/archit
 DoG's authors recommend evaluating an averaged copy of the weights (their
 PolynomialDecayAverager); the trainer evaluates the raw weights for every optimizer alike, so DoG is
 compared here without averaging, which is how ``DoG(params)`` behaves on its own.
+
+Muon (``--optimizer muon``) is a baseline as its authors run it: torch.optim.Muon on the hidden
+weight matrices, AdamW on the rest (MuonWithAdamW; the split and the conv filters in muon.py).
+It and agd+adamw are Composite optimizers: several torch optimizers as one torch Optimizer.
 """
 
 from __future__ import annotations
@@ -51,10 +55,10 @@ PEER_CLASSES: dict[str, tuple[str, str, float]] = {
 Builder = Callable[..., Optimizer]
 
 
-def check_lr(name: str, lr: float | None) -> None:
+def check_lr(name: str, lr: float | None, flag: str = "--lr") -> None:
     """The one rule for a given learning rate, whatever the optimizer: positive and finite."""
     if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise UsageError(f"--lr must be positive and finite, got {lr}; omit it for {name}'s default")
+        raise UsageError(f"{flag} must be positive and finite, got {lr}; omit it for {name}'s default")
 
 
 def _load(name: str, module: str, cls: str):
@@ -82,12 +86,17 @@ def _peer(name: str, module: str, cls: str, default_lr: float) -> Builder:
 PEERS: dict[str, Builder] = {name: _peer(name, *spec) for name, spec in PEER_CLASSES.items()}
 # The optimizers that step with AGD, which take --gain and --agd-depth instead of --lr.
 AGD_OPTIMIZERS = ("agd", "agd+adamw")
-OPTIMIZERS = ("agd", "adam", "sgd", "adamw", "agd+adamw", *PEERS)
+OPTIMIZERS = ("agd", "adam", "sgd", "adamw", "agd+adamw", "muon", *PEERS)
 
 
-def default_lr(name: str) -> float | None:
+def default_lr(name: str, muon_adjust_lr: str | None = None) -> float | None:
     """The learning rate ``--optimizer name`` runs at without --lr: a baseline's, from DEFAULT_LR;
+    Muon's at its lr adjustment (muon.DEFAULT_MUON_LR: 0.02 at torch's default, "original");
     None for AGD (no lr) and for a peer (its package's own default, applied when it is built)."""
+    if name == "muon":
+        from torch_agd.train.muon import DEFAULT_MUON_LR
+
+        return DEFAULT_MUON_LR.get(muon_adjust_lr or "original")
     return DEFAULT_LR.get(name)
 
 
@@ -102,7 +111,59 @@ def build_peer(name: str, params: Iterable, lr: float | None = None) -> Optimize
     return builder(params, lr=lr)
 
 
-class AGDWithAdamW:
+class Composite(Optimizer):
+    """Optimizers over disjoint parameters as one torch Optimizer: ``param_groups`` is every part's
+    groups (the parts' own dicts, so an lr scheduler's changes reach them, and an
+    ``isinstance(opt, Optimizer)`` check such as torch's LRScheduler's passes), ``state_dict`` is
+    ``{part name: its state_dict}``, and ``step``, ``zero_grad`` and ``load_state_dict`` go to every
+    part. ``parts``: name -> optimizer, in the order they step."""
+
+    def __init__(self, parts: dict[str, Optimizer]):
+        params = [p for part in parts.values() for group in part.param_groups for p in group["params"]]
+        super().__init__(params, {})
+        self.parts = parts
+
+    # Read from the parts at every access: a part's load_state_dict replaces its group dicts, and a
+    # list taken once would leave a scheduler changing groups that no part steps with any more.
+    @property
+    def param_groups(self) -> list[dict]:
+        parts = self.__dict__.get("parts")
+        if parts is None:  # inside Optimizer.__init__: its placeholder group
+            return self.__dict__["_placeholder_groups"]
+        return [group for part in parts.values() for group in part.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.__dict__["_placeholder_groups"] = groups
+
+    def add_param_group(self, param_group: dict) -> None:
+        if getattr(self, "parts", None) is None:  # Optimizer.__init__ adding the placeholder group
+            return super().add_param_group(param_group)
+        raise TypeError(f"{type(self).__name__} splits a model's parameters itself: add groups to one of its parts")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts.values():
+            part.zero_grad(set_to_none)
+
+    def step(self, closure=None):
+        first, *others = self.parts.values()
+        loss = first.step(closure)  # a closure runs once, in the first part
+        for part in others:
+            part.step()
+        return loss
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != set(self.parts):
+            raise ValueError(f"{type(self).__name__} has parts {', '.join(self.parts)}, but the state has "
+                             f"{', '.join(state)}")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+class AGDWithAdamW(Composite):
     """The fallback users have without AGD's rules for every kind: AGD (the paper's rule and L) on
     the weight matrices of linear, conv and attention layers, AdamW (lr 1e-3, weight decay 0.01)
     on everything else, each model parameter keeping its module's own initialisation."""
@@ -118,23 +179,46 @@ class AGDWithAdamW:
         rest = [p for p in model.parameters() if id(p) not in taken]
         self.adamw = torch.optim.AdamW(rest or [torch.zeros(0, requires_grad=True)], lr=DEFAULT_LR["adamw"],
                                        weight_decay=ADAMW_WEIGHT_DECAY)  # (an empty stand-in: a bias-free net)
-        self.param_groups = self.agd.param_groups + self.adamw.param_groups
+        super().__init__({"agd": self.agd, "adamw": self.adamw})
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.agd.zero_grad(set_to_none)
-        self.adamw.zero_grad(set_to_none)
 
-    def step(self, closure=None):
-        loss = self.agd.step(closure)
-        self.adamw.step()
-        return loss
+class MuonWithAdamW(Composite):
+    """``--optimizer muon``: torch.optim.Muon (``lr``, momentum 0.95 Nesterov, ``adjust_lr``:
+    torch's "original" or "match_rms_adamw") on the model's hidden 2-D weight matrices, MatrixMuon
+    (the same step, per matrix) on its conv filters and other hidden matrices, AdamW (``aux_lr``)
+    on the rest: embeddings, the output head, biases, norms. Weight decay 0.01 on every part. The
+    split, and how conv filters are flattened, are in torch_agd/train/muon.py; ``example`` is one
+    input of the model (muon.example_input), run once to find its output head. ``split`` is the
+    MuonSplit it used. Parts absent from a model (no convs, say) are left out."""
 
-    def state_dict(self) -> dict:
-        return {"agd": self.agd.state_dict(), "adamw": self.adamw.state_dict()}
+    def __init__(self, model: nn.Module, example: torch.Tensor, *, lr: float | None = None,
+                 aux_lr: float | None = None, adjust_lr: str = "original"):
+        from torch_agd.train import muon
 
-    def load_state_dict(self, state: dict) -> None:
-        self.agd.load_state_dict(state["agd"])
-        self.adamw.load_state_dict(state["adamw"])
+        if adjust_lr not in muon.ADJUST_LR:
+            raise UsageError(f"--muon-adjust-lr must be one of {', '.join(muon.ADJUST_LR)}, got {adjust_lr!r}")
+        check_lr("muon", lr)
+        check_lr("muon", aux_lr, "--aux-lr")
+        lr = muon.DEFAULT_MUON_LR[adjust_lr] if lr is None else lr
+        aux_lr = DEFAULT_LR["adamw"] if aux_lr is None else aux_lr
+        self.split = split = muon.muon_split(model, example)
+        if not (split.muon or split.matrix):
+            raise UsageError("--optimizer muon found no hidden weight matrix in this model (only its output head); "
+                             "use --optimizer adamw")
+        hyper = dict(lr=lr, weight_decay=ADAMW_WEIGHT_DECAY, adjust_lr_fn=adjust_lr)
+        parts: dict[str, Optimizer] = {}
+        if split.muon:
+            parts["muon"] = torch.optim.Muon([p for _, p in split.muon], **hyper)
+        if split.matrix:
+            kinds: dict[tuple[str, int], list] = {}
+            for _, p, kind, groups in split.matrix:
+                kinds.setdefault((kind, groups), []).append(p)
+            parts["matrix"] = muon.MatrixMuon([{"params": ps, "kind": kind, "conv_groups": groups}
+                                               for (kind, groups), ps in kinds.items()], **hyper)
+        if split.adamw:
+            parts["adamw"] = torch.optim.AdamW([p for _, p in split.adamw], lr=aux_lr,
+                                               weight_decay=ADAMW_WEIGHT_DECAY)
+        super().__init__(parts)
 
 
 def parse_agd_depth(depth: str | int | None):
@@ -174,10 +258,13 @@ def init_weights(name: str, model: nn.Module) -> None:
 
 def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
                     agd_depth: str | int | None = "weights", momentum: float = 0.0,
-                    nesterov: bool = True, init: bool = True) -> Optimizer:
+                    nesterov: bool = True, direction: str = "frobenius", init: bool = True, aux_lr: float | None = None,
+                    muon_adjust_lr: str | None = None, example: torch.Tensor | None = None) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means default_lr(name).
     ``agd_depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``nesterov``
-    (False: heavy ball) apply to AGD.
+    (False: heavy ball) and ``direction`` ("frobenius" or "orthogonal") apply to AGD. ``aux_lr`` (AdamW's lr, default 1e-3), ``muon_adjust_lr``
+    ("original", the default, or "match_rms_adamw") and ``example`` (one model input, which finds
+    the output head: muon.example_input) apply to Muon (MuonWithAdamW), which needs ``example``.
 
     ``init`` first applies init_weights(name, model), which for "agd" re-initialises the weights:
     so build it before loading a checkpoint and before wrapping the model in
@@ -193,10 +280,16 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
         init_weights(name, model)
     if name == "agd+adamw":
         return AGDWithAdamW(model, gain=gain)
+    if name == "muon":
+        if example is None:
+            raise UsageError("--optimizer muon needs one example input to find the model's output head: "
+                             "build_optimizer(..., example=torch_agd.train.muon.example_input(info))")
+        return MuonWithAdamW(model, example, lr=lr, aux_lr=aux_lr, adjust_lr=muon_adjust_lr or "original")
     if name == "agd":
         from torch_agd import AGD
 
-        return AGD(model, gain=gain, depth=parse_agd_depth(agd_depth), momentum=momentum, nesterov=nesterov)
+        return AGD(model, gain=gain, depth=parse_agd_depth(agd_depth), momentum=momentum, nesterov=nesterov,
+                   direction=direction)
     if name in PEERS:
         return build_peer(name, model.parameters(), lr=lr)
     check_lr(name, lr)

@@ -31,7 +31,9 @@ from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, chec
                                     resolve_config)
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
+from torch_agd.train.muon import example_input
 from torch_agd.train.optimizers import agd_of, build_optimizer, init_weights
+from torch_agd.train.schedule import build_scheduler
 
 __all__ = ["add_arguments", "run"]  # what the CLI's `train` subcommand calls
 
@@ -236,7 +238,10 @@ def _build(config: TrainConfig, env: DistEnv):
     if config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
         fsdp.shard_model(model, env)
     optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
-                                momentum=config.momentum, nesterov=config.nesterov, init=False)
+                                momentum=config.momentum, nesterov=config.nesterov, direction=config.agd_direction,
+                                init=False, aux_lr=config.aux_lr,
+                                muon_adjust_lr=config.muon_adjust_lr,
+                                example=example_input(info) if config.optimizer == "muon" else None)
     return model, optimizer
 
 
@@ -259,6 +264,11 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
 
     data.train.check_batch_size(config.train_bs, rank=env.rank, world_size=env.world_size,
                                 name="--train_bs")  # before the run directory is written
+    # A step budget is whole epochs and the first steps of one more.
+    per_epoch = data.train.num_batches(config.train_bs, world_size=env.world_size)
+    epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
+    # Before the optimizer's state is loaded: the scheduler sets every lr when it is built.
+    scheduler = build_scheduler(optimizer, config.schedule, config.steps or epochs * per_epoch, config.warmup)
     if env.is_master and not resuming:
         _start_run_dir(out, config, optimizer)
     history: list[dict] = []
@@ -275,6 +285,8 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
     if have_checkpoint:
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         history, start = state["metrics"], state["epoch"]
         if env.is_master:  # the kill may have come between the checkpoint and the metrics file
@@ -292,9 +304,6 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
     eval_model = train_model if not ddp else (torch.compile(model) if config.compile else model)
 
     loss_fn = LOSSES[config.loss]
-    # A step budget is whole epochs and the first steps of one more.
-    per_epoch = data.train.num_batches(config.train_bs, world_size=env.world_size)
-    epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
     reporter = Reporter(env, epochs, start)
     n_params = sum(p.numel() for p in model.parameters())
     n_tensors = len(list(model.parameters()))
@@ -315,7 +324,7 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
             n = per_epoch if config.steps is None else min(per_epoch, config.steps - epoch * per_epoch)
             stats = train_epoch(train_model, optimizer,
                                 reporter.batches(itertools.islice(batches, n), n, epoch + 1),
-                                loss_fn=loss_fn, device=env.device, amp=config.amp)
+                                loss_fn=loss_fn, device=env.device, amp=config.amp, scheduler=scheduler)
             train = _sync_train(stats, agd, env)
             t1 = time.perf_counter()
 
@@ -331,10 +340,11 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
             history.append(row)
             # Checkpoint first: metrics.jsonl is rebuilt from it on resume.
             if config.fsdp:  # every rank writes its own shards
-                fsdp.save_checkpoint(out, model=model, optimizer=optimizer, epoch=epoch + 1, metrics=history, env=env)
+                fsdp.save_checkpoint(out, model=model, optimizer=optimizer, epoch=epoch + 1, metrics=history, env=env,
+                                     scheduler=scheduler)
             elif env.is_master:
                 ckpt.save_checkpoint(out / rundir.CHECKPOINT, model=model, optimizer=optimizer,
-                                     epoch=epoch + 1, metrics=history)
+                                     epoch=epoch + 1, metrics=history, scheduler=scheduler)
             if env.is_master:
                 rundir.write_jsonl(out / rundir.METRICS, history)
             reporter.line(_epoch_line(row, epochs))

@@ -1,0 +1,341 @@
+"""--optimizer muon: which parameters Muon gets on every model of the trainer, its step against
+torch.optim.Muon and AdamW built by hand, conv filters and other layouts against torch's Muon on
+2-D copies, state_dict round trips, lr schedulers, and the one-line refusals."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from torch_agd import UsageError
+from torch_agd.data import DATASETS
+from torch_agd.models import build_model
+from torch_agd.train.muon import MatrixMuon, example_input, muon_split, output_head
+from torch_agd.train.optimizers import MuonWithAdamW, build_optimizer
+
+IMAGES, TEXT = DATASETS["fashion-mnist"], DATASETS["stdlib"]
+
+
+# ------------------------------------------------------------------ the split, model by model
+
+
+def _layers(prefix, n, names):
+    return [f"{prefix}{i}.{name}" for i in range(n) for name in names]
+
+
+def _resnet_convs(prefix, shortcut):
+    names = [f"{prefix}conv1.weight"]
+    for layer in range(1, 5):
+        for block in range(2):
+            names += [f"{prefix}layer{layer}.{block}.conv1.weight", f"{prefix}layer{layer}.{block}.conv2.weight"]
+            if layer > 1 and block == 0:
+                names.append(f"{prefix}layer{layer}.0.{shortcut}")
+    return names
+
+
+# arch, dataset, build kwargs -> (head, Muon's 2-D weights, MatrixMuon's (name, kind)); every other
+# parameter must be AdamW's.
+MHA = ("self_attn.out_proj.weight", "linear1.weight", "linear2.weight")
+SPLITS = {
+    "fcn": (IMAGES, dict(depth=3, width=16), "5", ["1.weight", "3.weight"], []),
+    "cnn": (IMAGES, {}, "13", [], [("0.weight", "weight"), ("4.weight", "weight"), ("8.weight", "weight")]),
+    "tv-resnet18": (IMAGES, {}, "1.fc", [], [(n, "weight") for n in _resnet_convs("1.", "downsample.0.weight")]),
+    "tv-vit": (IMAGES, {}, "1.heads.head",
+               _layers("1.encoder.layers.encoder_layer_", 4, ("self_attention.out_proj.weight", "mlp.0.weight",
+                                                                "mlp.3.weight")),
+               [("1.conv_proj.weight", "weight")]
+               + [(f"1.encoder.layers.encoder_layer_{i}.self_attention.in_proj_weight", "attention") for i in range(4)]),
+    "charlm": (TEXT, {}, "head", _layers("blocks.layers.", 4, MHA),
+               [(f"blocks.layers.{i}.self_attn.in_proj_weight", "attention") for i in range(4)]),
+    "charlm-tied": (TEXT, {}, "head", _layers("blocks.layers.", 4, MHA),
+                    [(f"blocks.layers.{i}.self_attn.in_proj_weight", "attention") for i in range(4)]),
+    "resnet18": (IMAGES, {}, "linear", [], [(n, "weight") for n in _resnet_convs("", "shortcut.weight")]),
+    "hf:llama": (TEXT, dict(depth=2, width=32), "model.lm_head",
+                 _layers("model.model.layers.", 2, ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                    "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                                    "mlp.gate_proj.weight", "mlp.up_proj.weight",
+                                                    "mlp.down_proj.weight")), []),
+    "timm:test_resnet": (IMAGES, {}, "fc", [],
+                         [(n, "weight") for n in ("conv1.0.weight", "conv1.3.weight", "conv1.6.weight",
+                                                  "layer1.0.conv1.weight", "layer1.0.conv2.weight",
+                                                  "layer2.0.conv1.weight", "layer2.0.conv2.weight",
+                                                  "layer2.0.downsample.1.weight", "layer3.0.conv1.weight",
+                                                  "layer3.0.conv2.weight", "layer3.0.conv3.weight",
+                                                  "layer3.0.downsample.1.weight", "layer4.0.conv1.weight",
+                                                  "layer4.0.conv2.weight", "layer4.0.downsample.1.weight")]),
+}
+
+
+@pytest.mark.parametrize("arch", list(SPLITS))
+def test_muon_gets_exactly_the_hidden_matrices_of_every_model(arch):
+    if arch.startswith(("hf:", "timm:")):
+        pytest.importorskip("transformers" if arch.startswith("hf:") else "timm")
+    info, kwargs, head, muon, matrix = SPLITS[arch]
+    torch.manual_seed(0)
+    model = build_model(arch, info, **kwargs)
+    opt = build_optimizer("muon", model, example=example_input(info))
+    split = opt.split
+    assert split.head == head
+    assert [name for name, _ in split.muon] == muon
+    assert [(name, kind) for name, _, kind, _ in split.matrix] == matrix
+    # The rest is AdamW's: every parameter in exactly one part, the output head's among them.
+    named = dict(model.named_parameters())
+    assert [name for name, _ in split.adamw] == [n for n in named if n not in set(muon) | {m for m, _ in matrix}]
+    head_params = [n for n, p in named.items() if any(p is q for q in model.get_submodule(head).parameters())]
+    assert head_params and set(head_params) <= {name for name, _ in split.adamw}
+    # ... and the optimizer's parts hold those very tensors.
+    def held(part):
+        return [id(p) for g in opt.parts[part].param_groups for p in g["params"]] if part in opt.parts else []
+
+    assert held("muon") == [id(named[n]) for n in muon]
+    assert sorted(held("matrix")) == sorted(id(named[n]) for n, _ in matrix)
+    assert held("adamw") == [id(p) for _, p in split.adamw]
+
+
+def test_a_tied_head_is_adamws_with_the_embedding():
+    model = build_model("charlm-tied", TEXT)
+    split = muon_split(model, example_input(TEXT))
+    assert model.head.weight is model.embed.weight
+    assert any(p is model.embed.weight for _, p in split.adamw)
+    assert not any(p is model.embed.weight for _, p in split.muon)
+
+
+class HeadFirst(nn.Module):
+    """The head registered before the body: registration order would pick the wrong layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(16, 3)
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU())
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+def test_the_head_is_the_last_linear_map_to_run_not_the_last_registered():
+    model = HeadFirst()
+    assert output_head(model, torch.zeros(1, 8)) == "out"
+    split = muon_split(model, torch.zeros(1, 8))
+    assert [n for n, _ in split.muon] == ["body.0.weight", "body.2.weight"]
+    assert [n for n, _ in split.adamw] == ["out.weight", "out.bias", "body.0.bias", "body.2.bias"]
+
+
+def test_finding_the_head_leaves_the_model_and_the_random_state_alone():
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 3)).train()
+    before, x = copy.deepcopy(model.state_dict()), torch.randn(2, 8)
+    rng = torch.get_rng_state()
+    assert output_head(model, x) == "3"
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BatchNorm's statistics too
+
+
+class Reshaped(nn.Module):
+    """Its last linear map's 6 outputs are not the model's 3."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.b(self.a(x)).reshape(-1, 3)
+
+
+def test_a_model_whose_last_linear_map_is_not_its_output_is_refused_in_one_line():
+    with pytest.raises(UsageError) as err:
+        muon_split(Reshaped(), torch.zeros(1, 4))
+    assert str(err.value) == ("--optimizer muon cannot find the output head: the last linear layer to run, b "
+                              "(Linear), has 6 outputs but the model gives 3")
+
+
+def test_muon_usage_errors_are_one_line():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    with pytest.raises(UsageError, match="needs one example input"):
+        build_optimizer("muon", model)
+    with pytest.raises(UsageError, match="no hidden weight matrix"):
+        build_optimizer("muon", nn.Linear(4, 3), example=torch.zeros(1, 4))
+    with pytest.raises(UsageError, match=r"^--aux-lr must be positive and finite, got -1"):
+        build_optimizer("muon", model, aux_lr=-1.0, example=torch.zeros(1, 4))
+    with pytest.raises(UsageError, match=r"^--lr must be positive and finite"):
+        build_optimizer("muon", model, lr=0.0, example=torch.zeros(1, 4))
+    with pytest.raises(UsageError, match="--muon-adjust-lr must be one of original, match_rms_adamw"):
+        build_optimizer("muon", model, muon_adjust_lr="spectral", example=torch.zeros(1, 4))
+
+
+# ------------------------------------------------------------------ the step
+
+
+def _grads(params, seed):
+    g = torch.Generator().manual_seed(seed)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g)
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+def test_a_step_is_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest(adjust):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+    ref, start = copy.deepcopy(model), [p.detach().clone() for p in model.parameters()]
+    opt = build_optimizer("muon", model, lr=0.05, aux_lr=3e-3, muon_adjust_lr=adjust, example=torch.zeros(1, 8))
+    hidden = [ref[0].weight, ref[3].weight]
+    rest = [p for p in ref.parameters() if all(p is not h for h in hidden)]
+    by_hand = [torch.optim.Muon(hidden, lr=0.05, weight_decay=0.01, adjust_lr_fn=adjust),
+               torch.optim.AdamW(rest, lr=3e-3, weight_decay=0.01)]
+    assert [type(part) for part in opt.parts.values()] == [torch.optim.Muon, torch.optim.AdamW]
+    for seed in range(3):  # the momentum buffers and Adam's moments carry over
+        _grads(model.parameters(), seed)
+        _grads(ref.parameters(), seed)
+        opt.step()
+        for o in by_hand:
+            o.step()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert not any(torch.equal(a, b) for a, b in zip(start, model.parameters()))  # every tensor moved
+
+
+def _cut_by_hand(t, kind):
+    """The linear maps in ``t``, sliced without torch_agd's to_matrices: the reference's layout."""
+    if kind == "weight":  # a conv filter bank (8, 3, 3, 3): each filter a row
+        return [t.reshape(8, 27)]
+    if kind == "weight-grouped":  # (8, 2, 3, 3) in 2 groups: each group's 4 filters over its 2 channels
+        return [t[:4].reshape(4, 18), t[4:].reshape(4, 18)]
+    if kind == "weight_t":  # Hugging Face Conv1D (in 6, out 4): the map is its transpose
+        return [t.T]
+    if kind == "weight_t-conv":  # ConvTranspose2d(4, 3, 2): (in 4, out 3, 2, 2); W[o, (i, k)] = t[i, o, k]
+        return [t.permute(1, 0, 2, 3).reshape(3, 16)]
+    if kind == "attention":  # packed (12, 4): q, k, v
+        return [t[0:4], t[4:8], t[8:12]]
+    if kind == "stacked":  # 3 experts (5 out, 4 in)
+        return list(t)
+    return [e.T for e in t]  # stacked_t: 3 experts stored (4 in, 5 out)
+
+
+LAYOUTS = {"weight": ((8, 3, 3, 3), "weight", 1), "weight-grouped": ((8, 2, 3, 3), "weight", 2),
+           "weight_t": ((6, 4), "weight_t", 1), "weight_t-conv": ((4, 3, 2, 2), "weight_t", 1),
+           "attention": ((12, 4), "attention", 1), "stacked": ((3, 5, 4), "stacked", 1),
+           "stacked_t": ((3, 4, 5), "stacked_t", 1)}
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_each_linear_map_of_a_tensor_steps_as_torch_muon_on_its_own_2d_copy(layout, adjust):
+    shape, kind, groups = LAYOUTS[layout]
+    w = nn.Parameter(torch.randn(shape, generator=torch.Generator().manual_seed(1)))
+    copies = [nn.Parameter(m.detach().clone()) for m in _cut_by_hand(w.detach(), layout)]
+    ours = MatrixMuon([{"params": [w], "kind": kind, "conv_groups": groups}], lr=0.05, weight_decay=0.01,
+                      adjust_lr_fn=adjust)
+    theirs = torch.optim.Muon(copies, lr=0.05, weight_decay=0.01, adjust_lr_fn=adjust)
+    for seed in range(3):
+        w.grad = torch.randn(shape, generator=torch.Generator().manual_seed(10 + seed))
+        for c, g in zip(copies, _cut_by_hand(w.grad, layout), strict=True):
+            c.grad = g.clone()
+        ours.step()
+        theirs.step()
+    for mine, copy_ in zip(_cut_by_hand(w.detach(), layout), copies, strict=True):
+        assert torch.equal(mine, copy_.detach()), layout
+    assert ours.state[w]["momentum_buffer"].shape == w.shape  # the state is the model tensor's own shape
+
+
+# ------------------------------------------------------------------ state, schedulers, the trainer
+
+
+def _cnn_and_opt(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("cnn", IMAGES)
+    return model, build_optimizer("muon", model, example=example_input(IMAGES))
+
+
+def _train(model, opt, steps, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x, y = torch.randn(4, 1, 28, 28, generator=g), torch.randint(0, 10, (4,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def test_state_dict_round_trip_continues_bit_for_bit():
+    model, opt = _cnn_and_opt()
+    _train(model, opt, 2)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
+    assert set(opt.state_dict()) == {"matrix", "adamw"}  # convs and the head: no 2-D hidden weight here
+    _train(model, opt, 2, seed=1)
+
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)  # only tensors, numbers and strings
+    again, opt2 = _cnn_and_opt(seed=5)  # other weights: all of them come from the checkpoint
+    again.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["optimizer"])
+    _train(again, opt2, 2, seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters(), strict=True))
+    with pytest.raises(ValueError, match="has parts matrix, adamw"):
+        opt2.load_state_dict({"muon": {}, "adamw": {}})
+
+
+def test_an_lr_scheduler_drives_every_part():
+    model, opt = _cnn_and_opt()
+    assert isinstance(opt, torch.optim.Optimizer) and isinstance(opt, MuonWithAdamW)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    assert [g["lr"] for g in opt.param_groups] == [0.02, 1e-3]
+    _train(model, opt, 1)
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.01, 5e-4]
+    assert opt.parts["matrix"].param_groups[0]["lr"] == 0.01 and opt.parts["adamw"].param_groups[0]["lr"] == 5e-4
+    # Loading a state replaces the parts' group dicts: the scheduler must still reach the new ones.
+    opt.load_state_dict(opt.state_dict())
+    sched.step()
+    assert [g["lr"] for part in opt.parts.values() for g in part.param_groups] == [0.005, 2.5e-4]
+    # At a multiplier of 0 nothing moves, weight decay included: the scheduler's lr is the one used.
+    model, opt = _cnn_and_opt()
+    torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    _train(model, opt, 1)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+# ------------------------------------------------------------------ the muon grid
+
+
+def _budget(argv):
+    """A run's flags less the optimizer's and the seed: model, data, loss, batch sizes, budget."""
+    drop = {"--optimizer", "--lr", "--aux-lr", "--muon-adjust-lr", "--seed", "--momentum", "--momentum-form"}
+    out, it = [], iter(argv)
+    for flag in it:
+        value = next(it)
+        if flag not in drop:
+            out += [flag, value]
+    return sorted(zip(out[::2], out[1::2]))
+
+
+@pytest.mark.parametrize("scale", ["small", "paper"])
+def test_the_muon_grid_tunes_both_adjustments_at_the_budgets_of_each_models_table(scale):
+    from torch_agd.experiments import grids
+
+    specs = grids.grid_runs("muon", scale, seeds=1)
+    assert len(specs) == 5 * 9
+    by_name = {spec.name: spec for spec in specs}
+    models = {"fcn": "momentum", "cnn": "momentum", "tv-resnet18": "models", "tv-vit": "models", "charlm": "models"}
+    for model, table in models.items():
+        runs = [s for s in specs if s.name.startswith(f"{model}-muon-")]
+        assert len(runs) == 9
+        lrs = {(s.argv[s.argv.index("--muon-adjust-lr") + 1], float(s.argv[s.argv.index("--lr") + 1])) for s in runs}
+        assert lrs == {("match_rms_adamw", lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)} | \
+            {("original", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1)}
+        assert {s.argv[s.argv.index("--aux-lr") + 1] for s in runs} == {f"{grids.MUON_AUX_LRS[model]:g}"}
+        # the budget, data and loss of the run it is compared with in its table
+        other = next(s for s in grids.grid_runs(table, scale, seeds=1)
+                     if s.name.startswith(f"{model}-") and ("-adam" in s.name))
+        assert all(_budget(s.argv) == _budget(other.argv) for s in runs), (model, other.name)
+    assert "tv-vit-muon-rms-lr1e-03-s0" in by_name and "charlm-muon-orig-lr1e-01-s0" in by_name
+
+
+def test_a_torch_without_muon_is_a_one_line_error(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.optim._muon", None)  # as if torch were older than 2.9
+    with pytest.raises(UsageError, match=r"^--optimizer muon needs torch.optim.Muon \(torch >= 2.9\)"):
+        MatrixMuon([{"params": [nn.Parameter(torch.zeros(2, 2, 3))], "kind": "stacked"}])

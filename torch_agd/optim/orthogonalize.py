@@ -1,0 +1,170 @@
+"""The orthogonal direction (AGD(..., direction="orthogonal")): each matrix block of the update
+direction replaced by its orthogonal polar factor U Vᵀ (for X = U S Vᵀ), computed by Newton–Schulz.
+
+(orthogonal.py, beside it, draws the random orthogonal blocks of the initialisation; this module
+orthogonalises update directions.)
+
+A step under this direction keeps G and eta as functional.py computes them; only the matrix
+blocks of linear maps (rules.Rule.matrix: linear and conv weights per kernel position and conv
+group, q, k, v of a packed in_proj, each expert of a stacked tensor) move by
+    B <- B - lr * gain * (eta / L) * s(B) * O(D(B))
+in place of D(B) / ||D(B)||_F. A bias joined to its layer ([W | b] acting on [x; 1]) is a column
+of the layer's blocks, so the block orthogonalised is the augmented [D(W) | D(b)], and b takes
+its last column back (docs/rules.md, "The orthogonal direction").
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import UsageError
+from .blocks import Blocks
+
+DIRECTIONS = ("frobenius", "orthogonal")
+
+
+def check_direction(direction, where: str = "") -> None:
+    """A one-line UsageError unless ``direction`` names one of DIRECTIONS."""
+    if not (isinstance(direction, str) and direction in DIRECTIONS):
+        raise UsageError(f"AGD direction{where} must be 'frobenius' or 'orthogonal', got {direction!r}")
+
+
+# The quintic X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X of Jordan et al.'s Muon: chosen so that five
+# steps from singular values in (0, 1] land every one of them in about [0.7, 1.2], fast, rather
+# than converging to exactly 1 slowly (the cubic a, b, c = 1.5, -0.5, 0 does that).
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS_STEPS = 5
+# A zero block stays zero: its Frobenius norm is floored here instead of dividing 0 by 0.
+_NORM_FLOOR = 1e-30
+
+
+def newton_schulz(x: Tensor, steps: int = NS_STEPS) -> Tensor:
+    """About U Vᵀ of every matrix in ``x`` (..., m, n), all singular values sent to about 1.
+
+    Computed in float32 for half-precision input (float32 and float64 keep their dtype): on a CPU,
+    bfloat16 matmuls are slower than float32 ones, and on a GPU float32 costs little at the sizes
+    of one block. X is first divided by its Frobenius norm, which bounds its spectral norm, so
+    every singular value starts in (0, 1], where the iteration converges."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x = x.to(dtype)
+    wide = x.shape[-2] <= x.shape[-1]
+    if not wide:  # X Xᵀ on the short side: m x m with m <= n is the cheaper Gram matrix
+        x = x.mT
+    x = x / torch.linalg.vector_norm(x, dim=(-2, -1), keepdim=True).clamp_min(_NORM_FLOOR)
+    a, b, c = NS_COEFFICIENTS
+    for _ in range(steps):
+        gram = x @ x.mT
+        poly = torch.baddbmm(gram, gram, gram, beta=b, alpha=c) if gram.dim() == 3 else b * gram + c * (gram @ gram)
+        x = torch.baddbmm(x, poly, x, beta=a) if x.dim() == 3 else a * x + poly @ x
+    return x if wide else x.mT
+
+
+def polar_svd(x: Tensor) -> Tensor:
+    """U Vᵀ exactly, by SVD (float64): what Newton–Schulz approximates; for tests and checks."""
+    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return u @ vh
+
+
+def _as_matrices(x: Tensor, b: Blocks) -> Tensor:
+    """``x`` (laid out as a tensor of blocks ``b``) as its blocks: (row_blocks, k, d_out, d_in),
+    each the matrix of a linear map (a transposed layout's stored blocks are transposed back)."""
+    m = x.reshape(b.row_blocks, b.rows_per_block, b.inner, b.k).permute(0, 3, 1, 2)
+    return m.mT if b.transposed else m
+
+
+def _from_matrices(m: Tensor, b: Blocks, like: Tensor) -> Tensor:
+    """The inverse of _as_matrices, written into a tensor laid out like ``like`` (same strides,
+    so the batched path's views of the direction fit it too)."""
+    m = m.mT if b.transposed else m
+    out = torch.empty_like(like)
+    out.copy_(m.permute(0, 2, 3, 1).reshape(like.shape))
+    return out
+
+
+def augmented(d: Tensor, b: Blocks, bias: Tensor | None = None) -> Tensor:
+    """The blocks of the direction ``d`` (blocks ``b``) as maps, (row_blocks, k, d_out, d_in); with
+    ``bias`` (the direction of a bias joined to them), the augmented [D(W) | D(b)], whose last
+    column is the bias's part of each block (a conv's bias in every kernel position's)."""
+    m = _as_matrices(d, b)
+    if bias is None:
+        return m
+    column = bias.reshape(b.row_blocks, 1, m.shape[-2], 1).expand(-1, b.k, -1, -1)
+    return torch.cat([m, column.to(m.dtype)], dim=-1)
+
+
+def split(o: Tensor, b: Blocks, d: Tensor, bias: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    """O of the augmented blocks back to (the weight's update, the bias's update or None), each
+    laid out like its direction. A conv's bias is the constant input's column of all k kernel
+    positions' blocks, and the step moves it by the sum of their (equal) factors; so its update
+    here is the mean of its k columns, and the sum of the k moves comes out."""
+    d_in = o.shape[-1] - (bias is not None)
+    w = _from_matrices(o[..., :d_in], b, d)
+    if bias is None:
+        return w, None
+    u = torch.empty_like(bias)
+    u.copy_(o[..., d_in].mean(1).reshape(bias.shape))
+    return w, u
+
+
+def orthogonal_update(d: Tensor, b: Blocks, bias: Tensor | None = None,
+                      orthogonalise=newton_schulz) -> tuple[Tensor, Tensor | None]:
+    """O(D(B)) of every block of one tensor's direction ``d`` (with its joined ``bias``), in one
+    batched chain over all its kernel positions, conv groups, q/k/v or experts."""
+    m = augmented(d, b, bias)
+    return split(orthogonalise(m.reshape(-1, *m.shape[-2:])).view(m.shape), b, d, bias)
+
+
+def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, list[tuple[int, int]]]:
+    """For a step's ParamSteps (functional.py): the update each one applies (its orthogonalised
+    direction, or None to keep its direction) and the ranges (base, count) of the flat block
+    vector whose blocks now move by O(D(B)), which the step must not normalise again.
+
+    A step is orthogonal where its group asked for it and its rule's blocks are matrices; a bias
+    joined to such a step's blocks goes with it, whatever its own group says. Blocks of the same
+    shape, dtype and device across tensors (a transformer's layers) are orthogonalised in one
+    batched chain: Newton–Schulz acts on each matrix alone, so this changes nothing but the
+    number of matmul calls."""
+    updates: list[Tensor | None] = [None] * len(steps)
+    owners = {s.placement.base: i for i, s in enumerate(steps) if s.orthogonal and not s.placement.blocks.joined}
+    biases: dict[int, list[int]] = {}
+    for i, s in enumerate(steps):
+        if s.placement.blocks.joined and s.placement.base in owners:
+            biases.setdefault(s.placement.base, []).append(i)
+    ranges, batches = [], {}
+    for base, i in owners.items():
+        s = steps[i]
+        joined = biases.get(base, [])
+        if len(joined) > 1:  # two tensors claiming one column cannot happen through assign_blocks
+            raise UsageError(f"{len(joined)} biases join one matrix's blocks; direction='orthogonal' needs one")
+        j = joined[0] if joined else None
+        d, bias = _whole(s), None if j is None else _whole(steps[j])  # gathered once, if sharded
+        m = augmented(d, s.placement.blocks, bias)
+        batches.setdefault((m.shape[-2:], m.dtype, m.device), []).append((i, j, m, d, bias))
+        ranges.append((base, s.placement.blocks.count))
+    for members in batches.values():
+        flat = [m.reshape(-1, *m.shape[-2:]) for _, _, m, _, _ in members]
+        o = orthogonalise(torch.cat(flat) if len(flat) > 1 else flat[0])
+        for (i, j, m, d, bias), part in zip(members, o.split([len(f) for f in flat]), strict=True):
+            s = steps[i]
+            w, u = split(part.view(m.shape), s.placement.blocks, d, bias)
+            updates[i] = _local(w, s)
+            if j is not None:
+                updates[j] = _local(u, steps[j])
+    return updates, ranges
+
+
+def _whole(s) -> Tensor:
+    """A step's whole direction: a sharded block must be orthogonalised whole, so a DTensor's
+    is all-gathered (each process then orthogonalises every block, and keeps its own rows)."""
+    return s.direction if s.sharded_direction is None else s.sharded_direction.full_tensor()
+
+
+def _local(update: Tensor, s) -> Tensor:
+    """The rows of a whole update that the step's process holds (all of them unless sharded),
+    laid out like its local direction."""
+    if s.sharded_direction is None:
+        return update
+    e = s.placement
+    out = torch.empty_like(s.direction)
+    out.copy_(update.reshape(e.blocks.rows, -1)[e.r0:e.r0 + e.n].reshape(s.direction.shape))
+    return out
