@@ -1,7 +1,7 @@
 """The AGD optimizer: torch.optim's contract (param groups, state, hooks, state_dict) around
 the functional step in functional.py, whose docstring has the formulas.
 
-A step gathers one ParamStep per parameter from each group (`_init_group`), then makes one call
+A step gathers one ParamStep per parameter from each group (`_group_steps`), then makes one call
 for all of them: G and eta sum over every block of every group, so AGD, unlike SGD, cannot step
 its groups one at a time.
 """
@@ -236,9 +236,11 @@ class AGD(Optimizer):
 
     # -------------------------------------------------------- the step
 
-    def _init_group(self, group: dict, gi: int, structure: dict) -> tuple[list[ParamStep], list[Tensor]]:
+    def _group_steps(self, group: dict, gi: int, structure: dict) -> tuple[list[ParamStep], list[Tensor]]:
         """The ParamSteps of ``group``'s parameters that have gradients, and its momentum buffers
-        (folding this step's gradients into them)."""
+        (folding this step's gradients into them). torch.optim's _init_group in role, not in name:
+        torch.compile runs any optimizer method called _init_group eagerly, by torch's own
+        conventions, and then cannot trace this step in one graph."""
         mult = group["lr"] * group["gain"]
         if group["maximize"]:
             mult = -mult
@@ -271,7 +273,7 @@ class AGD(Optimizer):
         structure, n_blocks = self._structure_of()
         steps, buffers = [], []
         for gi, group in enumerate(self.param_groups):
-            group_steps, group_buffers = self._init_group(group, gi, structure)
+            group_steps, group_buffers = self._group_steps(group, gi, structure)
             steps += group_steps
             buffers += group_buffers
         if not steps:
