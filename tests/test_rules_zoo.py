@@ -136,6 +136,41 @@ def test_a_weight_standardised_convs_gain_is_a_gain_and_its_bias_joins_the_weigh
     literal_step(model, blocks, depth=1, foreach=foreach)
 
 
+class Affine(nn.Module):
+    """timm's ResMLP affine: alpha * x + beta, both stored (1, 1, d)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(1, 1, d))
+        self.beta = nn.Parameter(torch.zeros(1, 1, d))
+
+
+class ResBlock(nn.Module):
+    """A residual block with layer scales named as timm's ResMLP and CaiT name them."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.fc = Affine(d), nn.Linear(d, d)
+        self.ls1 = nn.Parameter(torch.full((d,), 1e-4))
+        self.gamma_1 = nn.Parameter(torch.full((d,), 1e-4))
+        self.offset = nn.Parameter(torch.zeros(1, 1, d))  # no role that a name or class tells: raw
+
+
+def test_layer_scales_and_affines_by_their_names_are_gains():
+    kinds = {g["kind"]: [n for n, _ in g["params"]] for g in module_param_groups(ResBlock(4))}
+    assert kinds == {"weight": ["fc.weight"], "bias": ["fc.bias"], "raw": ["offset"],
+                     "gain": ["ls1", "gamma_1", "norm1.alpha", "norm1.beta"]}
+
+
+def test_timms_resmlp_trains():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("resmlp_12_224", pretrained=False, num_classes=5, img_size=32)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 5, (4,))
+    losses = train(model, (x, y), lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]), steps=10)
+    assert max(losses) == losses[0] and losses[-1] < 0.8 * losses[0]  # diverged to 1e23 as raw slots
+
+
 def test_any_other_extra_parameter_of_a_conv_is_refused_by_name():
     class Odd(nn.Conv2d):
         def __init__(self):

@@ -41,6 +41,7 @@ kind itself (``{"params": [...], "kind": "bias"}``).
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, ClassVar, Mapping
 
 import torch
@@ -425,6 +426,11 @@ def class_names(module: nn.Module) -> list[str]:
     return [cls.__name__ for cls in type(module).__mro__]
 
 
+# Layer scales by their attribute names in timm and transformers (ConvNeXt's gamma, ResMLP's ls1,
+# CaiT's gamma_1, XCiT's gamma1, DINOv2's lambda1): a per-channel gain on a residual branch.
+_LAYER_SCALE = re.compile(r"gamma\w*|ls\d|layer_scale\w*|lambda\d")
+
+
 def _by_structure(module: nn.Module, attr: str) -> Rule | None:
     """Rules for the modules of libraries that are not dependencies (Hugging Face transformers,
     timm), read from what a module holds and, where nothing else tells, its class's name."""
@@ -438,7 +444,9 @@ def _by_structure(module: nn.Module, attr: str) -> Rule | None:
             return StackedBias()
     if p.dim() == 2 and attr == "weight" and any("Router" in n for n in names):  # logits = x @ weight.T
         return Weight()
-    if p.dim() == 1 and (any("Norm" in n or "LayerScale" in n for n in names) or attr == "gamma"):
+    per_channel = p.numel() == max(p.shape, default=1)  # (d,), or (1, 1, d) and the like
+    if per_channel and (any("Norm" in n or "LayerScale" in n or n == "Affine" for n in names)
+                        or _LAYER_SCALE.fullmatch(attr)):
         return Gain()
     return None
 
