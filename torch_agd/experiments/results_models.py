@@ -159,7 +159,7 @@ INTRO = ("The targets: AGD at its defaults (gain 1, the default count of L) with
 LIBRARIES_INTRO = ("Models of the libraries people train with, built by name with random weights (`--arch "
                    "timm:NAME`, `--arch hf:NAME`) and trained by `AGD(model)` with no override: AGD at its "
                    "defaults (`agd`: momentum 0, L counted along the residual path) and with momentum 0.9 "
-                   "(`agd-m0.9`), against AdamW (weight decay 0.01) over three learning rates around its best; "
+                   "(`agd-m0.9`), against AdamW (weight decay 0.01) over four learning rates around its best; "
                    "tuned AdamW is the best of them. The targets are the models grid's: within 1 point of "
                    "tuned AdamW's test accuracy on images, within 2% of its validation loss on text.")
 
