@@ -71,16 +71,19 @@ def _tiny_classifier_entry(model_fn, name="tiny"):
     return models.Entry(name, "timm", build)
 
 
+class WithLSTM(nn.Module):
+    """A classifier holding an LSTM, which AGD refuses by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(8, 8)
+        self.head = nn.Linear(8 * 8, models.CLASSES)
+
+    def forward(self, x):
+        return self.head(self.rnn(x[:, 0])[0].flatten(1))
+
+
 def test_a_refusal_is_its_one_line_reason_and_a_crash_its_type():
-    class WithLSTM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.LSTM(8, 8)
-            self.head = nn.Linear(8 * 8, models.CLASSES)
-
-        def forward(self, x):
-            return self.head(self.rnn(x[:, 0])[0].flatten(1))
-
     row = zoo.run_entry(_tiny_classifier_entry(WithLSTM), STEPS, momentum=False)
     assert row["status"] == "refused" and "LSTM" in row["reason"] and "\n" not in row["reason"]
     assert "agd" not in row
@@ -99,15 +102,6 @@ def test_a_refusal_is_its_one_line_reason_and_a_crash_its_type():
 
 
 def test_an_override_trains_a_refused_model_and_leaves_the_registry_as_it_was():
-    class WithLSTM(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.rnn = nn.LSTM(8, 8)
-            self.head = nn.Linear(8 * 8, models.CLASSES)
-
-        def forward(self, x):
-            return self.head(self.rnn(x[:, 0])[0].flatten(1))
-
     entry = _tiny_classifier_entry(WithLSTM)
     entry = models.Entry(entry.name, entry.library, entry.build, override=models.LSTM_OVERRIDE)
     row = zoo.run_entry(entry, STEPS, momentum=False)
