@@ -197,7 +197,7 @@ def test_a_step_is_torch_muon_on_the_hidden_matrices_and_adamw_on_the_rest(adjus
 
 
 def _cut_by_hand(t, kind):
-    """The linear maps in ``t``, sliced without torch_agd's to_matrices: the reference's layout."""
+    """The linear maps in ``t``, sliced without the rules' flat_matrices: the reference's layout."""
     if kind == "weight":  # a conv filter bank (8, 3, 3, 3): each filter a row
         return [t.reshape(8, 27)]
     if kind == "weight-grouped":  # (8, 2, 3, 3) in 2 groups: each group's 4 filters over its 2 channels

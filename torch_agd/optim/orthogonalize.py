@@ -59,12 +59,6 @@ def newton_schulz(x: Tensor, steps: int = NS_STEPS) -> Tensor:
     return x if wide else x.mT
 
 
-def polar_svd(x: Tensor) -> Tensor:
-    """U Vᵀ exactly, by SVD (float64): what Newton–Schulz approximates; for tests and checks."""
-    u, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-    return u @ vh
-
-
 def _as_matrices(x: Tensor, b: Blocks) -> Tensor:
     """``x`` (laid out as a tensor of blocks ``b``) as its blocks: (row_blocks, k, d_out, d_in),
     each the matrix of a linear map (a transposed layout's stored blocks are transposed back)."""

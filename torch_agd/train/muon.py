@@ -62,26 +62,12 @@ def _torch_muon():
                          f"{torch.__version__}") from None
 
 
-# ---------------------------------------------------------------- the linear maps of a tensor
-
-
-def to_matrices(t: Tensor, kind: str, groups: int = 1) -> Tensor:
-    """The linear maps that ``t`` (a parameter of AGD kind ``kind``, or its gradient) holds, as a
-    (n, out, in) tensor of n matrices laid out (fan-out, fan-in): the kind's rule knows its layout."""
-    return rule_for(kind, groups).flat_matrices(t)
-
-
-def from_matrices(m: Tensor, like: Tensor, kind: str, groups: int = 1) -> Tensor:
-    """The inverse of to_matrices: (n, out, in) matrices back in the layout of ``like``."""
-    return rule_for(kind, groups).from_flat_matrices(m, like)
-
-
 class MatrixMuon(Optimizer):
     """torch.optim.Muon's step for tensors that hold their linear maps in another layout than one
     2-D (out, in) matrix: conv filters, transposed weights, packed attention, stacked experts.
     Each param group names the AGD ``kind`` of its tensors (and ``conv_groups``). Per tensor, as
     torch's ``_single_tensor_muon``: the momentum buffer and the Nesterov mix on the whole tensor,
-    torch's Newton-Schulz on each of its matrices (to_matrices), torch's lr adjustment for one
+    torch's Newton-Schulz on each of its matrices (the kind's Rule.flat_matrices), torch's lr adjustment for one
     matrix's shape (all of a tensor's matrices have one shape), decoupled weight decay, update."""
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -92,10 +78,11 @@ class MatrixMuon(Optimizer):
                         adjust_lr_fn=adjust_lr_fn, kind="weight", conv_groups=1)
         super().__init__(params, defaults)
         for group in self.param_groups:
-            if not rule_for(group["kind"], group["conv_groups"]).matrix:
+            rule = rule_for(group["kind"], group["conv_groups"])
+            if not rule.matrix:
                 raise ValueError(f"MatrixMuon takes the kinds of matrix rules, not {group['kind']!r}")
             for p in group["params"]:
-                to_matrices(p, group["kind"], group["conv_groups"])  # a shape it cannot cut fails here
+                rule.flat_matrices(p)  # a shape it cannot cut fails here
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -106,7 +93,7 @@ class MatrixMuon(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, decay, momentum = group["lr"], group["weight_decay"], group["momentum"]
-            kind, groups = group["kind"], group["conv_groups"]
+            rule = rule_for(group["kind"], group["conv_groups"])
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -117,12 +104,12 @@ class MatrixMuon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-                matrices = to_matrices(update, kind, groups)
+                matrices = rule.flat_matrices(update)
                 ortho = torch.stack([tm._zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"],
                                                                     group["eps"]) for m in matrices.unbind(0)])
                 adjusted = tm._adjust_lr(lr, group["adjust_lr_fn"], ortho.shape[1:])
                 p.mul_(1 - lr * decay)
-                p.add_(from_matrices(ortho, p, kind, groups), alpha=-adjusted)
+                p.add_(rule.from_flat_matrices(ortho, p), alpha=-adjusted)
         return loss
 
 
