@@ -5,6 +5,11 @@
 - embedding: every row a uniformly random direction of unit RMS (norm sqrt(d));
 - bias: zero; norm: gamma = 1, beta = 0 (what the layer would do anyway, done explicitly);
 - raw (positional embeddings, class tokens...): left as the module initialised it.
+
+A parameter that FSDP2 has sharded (a DTensor, e.g. after building on the meta device and
+``to_empty``) gets on each process exactly its rows of what the whole tensor would get from the
+same generator: every process draws every number, in the same order, one block at a time
+(orthogonal.py), so the result is the same on any number of processes.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from torch import nn
 
 from .blocks import assign_blocks
 from .rules import default_kind, module_param_groups, rule_for
+from .sharding import is_sharded, rows_held
 
 
 def named_rules(groups: list[dict]) -> list[tuple[str, torch.Tensor, object]]:
@@ -41,5 +47,10 @@ def init_weights_(module_or_params, generator: torch.Generator | None = None):
     named = named_rules(groups)
     structure, _ = assign_blocks(named)
     for name, p, rule in named:
-        rule.init_(p, structure[id(p)][0].blocks, name, generator)
+        blocks = structure[id(p)][0].blocks
+        if is_sharded(p):  # an FSDP2 shard: its rows of the same draw (docs/distributed.md, "meta device")
+            local, r0 = rows_held(p, name, blocks.row_dims)
+            rule.init_rows_(local, tuple(p.shape), r0, blocks, name, generator)
+        else:
+            rule.init_(p, blocks, name, generator)
     return module_or_params

@@ -49,7 +49,7 @@ from torch import nn
 
 from ..errors import UsageError
 from .blocks import Blocks, joined_to
-from .orthogonal import orthogonal_blocks
+from .orthogonal import directions_rows_, orthogonal_blocks, orthogonal_rows_
 
 
 class Rule:
@@ -127,6 +127,13 @@ class Rule:
         if self.matrix:
             p.copy_(orthogonal_blocks(p, blocks, generator))
 
+    def init_rows_(self, local: torch.Tensor, shape: tuple, r0: int, blocks: Blocks, name: str, generator) -> None:
+        """init_ for a process that holds only some rows of the parameter (an FSDP2 shard): set
+        ``local``, the rows from r0 on (rows as ``blocks`` counts them) of a parameter of
+        ``shape``, to those rows of what init_ gives the whole, drawing the same numbers."""
+        if self.matrix:
+            orthogonal_rows_(local, blocks, r0, generator)
+
 
 class Weight(Rule):
     """A linear or conv weight (d_out, d_in/g, k...): the paper's rule."""
@@ -203,8 +210,16 @@ class Embedding(Rule):
 
     def init_(self, p, blocks, name, generator):
         rows = torch.randn(p.shape, dtype=torch.float64, generator=generator)  # a uniform direction per row
-        rows *= math.sqrt(p.shape[1]) / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
-        p.copy_(rows)
+        p.copy_(self.normalise(rows))
+
+    def init_rows_(self, local, shape, r0, blocks, name, generator):
+        directions_rows_(local, tuple(shape), r0, self.normalise, generator)
+
+    @staticmethod
+    def normalise(rows: torch.Tensor) -> torch.Tensor:
+        """Each row of a Gaussian table scaled to norm sqrt(d), in place (row by row)."""
+        rows *= math.sqrt(rows.shape[1]) / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
+        return rows
 
 
 class Raw(Rule):
@@ -236,6 +251,9 @@ class Bias(Raw):
     def init_(self, p, blocks, name, generator):
         p.zero_()
 
+    def init_rows_(self, local, shape, r0, blocks, name, generator):
+        local.zero_()
+
 
 class Tied(Embedding):
     """A table that is both an embedding and an output head (an Embedding's weight that a Linear
@@ -250,9 +268,10 @@ class Tied(Embedding):
     def blocks(self, shape, joined=False):
         return Blocks(shape[0], shape[0], shape[1], 1, 1.0)
 
-    def init_(self, p, blocks, name, generator):
-        rows = torch.randn(p.shape, dtype=torch.float64, generator=generator)  # a uniform direction per row
-        p.copy_(rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True))
+    @staticmethod
+    def normalise(rows: torch.Tensor) -> torch.Tensor:
+        """Each row of a Gaussian table scaled to norm 1 (row by row)."""
+        return rows / torch.linalg.vector_norm(rows, dim=1, keepdim=True)
 
 
 class Stacked(Rule):
@@ -320,6 +339,9 @@ class Norm(Rule):
     def init_(self, p, blocks, name, generator):
         p.fill_(0.0 if name.endswith("bias") else 1.0)  # beta = 0, gamma = 1
 
+    def init_rows_(self, local, shape, r0, blocks, name, generator):
+        self.init_(local, blocks, name, generator)  # no draw: every row alike
+
 
 class Gain(Norm):
     """A per-channel gain that is not a torch norm layer's: the weight of a norm layer of another
@@ -330,6 +352,9 @@ class Gain(Norm):
     kind = "gain"
 
     def init_(self, p, blocks, name, generator):
+        pass
+
+    def init_rows_(self, local, shape, r0, blocks, name, generator):
         pass
 
 

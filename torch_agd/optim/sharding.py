@@ -25,6 +25,23 @@ def is_sharded(t: Tensor) -> bool:
     return dtensor is not None and isinstance(t, dtensor)
 
 
+def rows_held(p: Tensor, name: str, row_dims: int) -> tuple[Tensor, int]:
+    """(this process's shard of the DTensor ``p``, the first row it holds), rows being the
+    parameter's first ``row_dims`` dims flattened; a one-line UsageError for a parameter not
+    sharded on dim 0 alone (replicas hold the same rows)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    for placement in p.placements:
+        if not (isinstance(placement, Replicate) or isinstance(placement, Shard) and placement.dim == 0):
+            raise UsageError(f"AGD initialises parameters sharded on dim 0 (FSDP2's default); {name} is placed as "
+                             f"{p.placements}: use fully_shard without a shard_placement_fn for it")
+    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if row_dims == 0 or not shape[0]:
+        return p.to_local(), 0
+    return p.to_local(), offset[0] * math.prod(p.shape[1:row_dims])
+
+
 def local(p: Tensor, grad: Tensor, name: str, row_dims: int):
     """(local weight, local gradient, first row held, rows held, whether this process counts the
     tensor, the mesh) for a DTensor parameter; rows are the parameter's first ``row_dims`` dims,
