@@ -27,6 +27,15 @@ class CharLM(nn.Module):
             self.head.weight = self.embed.weight
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
 
+    @torch.no_grad()
+    def reset_constants(self) -> None:
+        """Set again what the constructor sets without drawing a number and init_weights_ leaves
+        alone: the positional parameter (zero) and the causal mask. `agd train --fsdp` builds the
+        model on the meta device, where they hold nothing, and calls this once the shards are
+        allocated (torch_agd/train/meta.py)."""
+        self.pos.zero_()
+        self.mask = nn.Transformer.generate_square_subsequent_mask(self.mask.shape[0], device=self.pos.device)
+
     def forward(self, idx: Tensor) -> Tensor:
         """(B, T) character indices -> (B, T, vocab) logits for the next character."""
         t = idx.shape[1]

@@ -61,6 +61,7 @@ class Rule:
     kind: ClassVar[str]
     layer: ClassVar[bool] = False
     matrix: ClassVar[bool] = False
+    keeps_module_init: ClassVar[bool] = False  # init_ leaves the value the module's constructor set
     needs: ClassVar[str] = ""
     by_kind: ClassVar[dict[str, type[Rule]]] = {}
 
@@ -226,6 +227,7 @@ class Raw(Rule):
     """An additive parameter (positional embedding, class token): every vector along the last
     dim is a slot of unit RMS."""
     kind = "raw"
+    keeps_module_init = True
 
     def blocks(self, shape, joined=False):
         shape = tuple(shape)
@@ -238,6 +240,7 @@ class Bias(Raw):
     """A layer's bias: joins the blocks of the weight named beside it ([W | b] on [x; 1]);
     with no such weight in the optimizer, a slot of its own like a raw parameter."""
     kind = "bias"
+    keeps_module_init = False
     needs = "a 1-D bias"
 
     def fits(self, p):
@@ -350,6 +353,7 @@ class Gain(Norm):
     module's own initialisation stays: such gains may start at 0 (GemmaRMSNorm multiplies by
     1 + gamma) or near 0 (a layer scale)."""
     kind = "gain"
+    keeps_module_init = True
 
     def init_(self, p, blocks, name, generator):
         pass

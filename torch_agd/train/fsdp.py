@@ -99,7 +99,7 @@ def _tied(found: list[nn.Module]) -> list[list[nn.Module]]:
 def shard_model(model: nn.Module, env: DistEnv) -> None:
     """fully_shard every unit (units with tied weights together), then the root (which takes any
     parameter left), over a 1-D mesh of every rank. The model must be on env.device and
-    initialised: its parameters are replaced."""
+    initialised (or, built on the meta device, still on it: train/meta.py): its parameters are replaced."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 

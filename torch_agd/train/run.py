@@ -26,7 +26,7 @@ from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
 from torch_agd.models import build_model
 from torch_agd.train import checkpoint as ckpt
-from torch_agd.train import fsdp, rundir
+from torch_agd.train import fsdp, meta, rundir
 from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, check_split, default_out,
                                     resolve_config)
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
@@ -229,20 +229,40 @@ def _with_places(config: TrainConfig, env: DistEnv) -> TrainConfig:
 def _build(config: TrainConfig, env: DistEnv):
     """The model, on env.device (sharded under --fsdp), and its optimizer."""
     info = DATASETS[config.dataset]
-    # The weights are drawn on the CPU from the seed, whole, so a run starts from the same weights
-    # on any device, on every rank and with or without --fsdp.
-    torch.manual_seed(config.seed)
-    model = build_model(config.arch, info, depth=config.depth, width=config.width)
-    init_weights(config.optimizer, model)
-    model.to(env.device)
-    if config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
-        fsdp.shard_model(model, env)
+    model = _sharded_from_meta(config, info, env) if config.fsdp and config.optimizer == "agd" else None
+    if model is None:
+        # The weights are drawn on the CPU from the seed, whole, so a run starts from the same weights
+        # on any device, on every rank and with or without --fsdp.
+        torch.manual_seed(config.seed)
+        model = build_model(config.arch, info, depth=config.depth, width=config.width)
+        init_weights(config.optimizer, model)
+        model.to(env.device)
+        if config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
+            fsdp.shard_model(model, env)
     optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
                                 momentum=config.momentum, nesterov=config.nesterov, direction=config.agd_direction,
                                 init=False, aux_lr=config.aux_lr,
                                 muon_adjust_lr=config.muon_adjust_lr,
                                 example=example_input(info) if config.optimizer == "muon" else None)
     return model, optimizer
+
+
+def _sharded_from_meta(config: TrainConfig, info, env: DistEnv):
+    """--fsdp with AGD: the model built on the meta device, sharded, this rank's shards allocated
+    and initialised: bitwise the weights of the whole build below, without ever holding them all
+    (train/meta.py). None, with one line from rank 0, for a model that must be built whole."""
+    torch.manual_seed(config.seed)
+    model, why = meta.build_on_meta(lambda: build_model(config.arch, info, depth=config.depth, width=config.width))
+    why = why or meta.why_not(model)
+    if why is not None:
+        if env.is_master:
+            print(f"--fsdp: building {config.arch} whole on every rank, not on the meta device: {why}", flush=True)
+        return None
+    fsdp.shard_model(model, env)
+    model.to_empty(device=env.device)
+    meta.reset_constants_(model)
+    init_weights(config.optimizer, model)
+    return model
 
 
 def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
