@@ -2,6 +2,12 @@
 
     python benchmarks/memory.py                                  # 12-layer transformer, 1 2 4 ranks
     python benchmarks/memory.py --ranks 1 2 --layers 4 --dim 256 # smaller
+    python benchmarks/memory.py --construction --ranks 1 2 4     # building + init: whole vs meta device
+
+--construction measures something else: how much each rank's resident memory rises (its peak
+RSS, Linux's VmHWM, reset just before) while it builds and initialises the model for FSDP2,
+whole and then sharded (the trainer before issue 22) or on the meta device (`agd train --fsdp`
+now: torch_agd/train/meta.py), against the size of the whole model's parameters.
 
 For each strategy (DDP, FSDP2) and number of ranks N it starts N gloo processes on the CPU (the
 CPU stands in for N GPUs: what is counted is which tensors exist, not where) that build the same
@@ -216,6 +222,94 @@ def print_table(rows: list[dict]) -> None:
               f"{r['gathered'] / MIB:,.1f} | {_billions(r['max_params'])} |")
 
 
+# ------------------------------------------------------------ construction: whole or on the meta device
+
+
+def _rss_kib(field: str) -> int:
+    """VmRSS (now) or VmHWM (the peak since the last reset) of this process, in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    # Linux >= 4.0: the peak resident set size starts again from what is resident now.
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _build_and_init(how: str, opts: dict, env) -> nn.Module:
+    """What each rank of `agd train --fsdp --optimizer agd` does before the optimizer: "whole" (the
+    trainer before issue 22: build on the CPU, init_weights_, then shard) or "meta"."""
+    from torch_agd import init_weights_
+    from torch_agd.train import fsdp, meta
+
+    torch.manual_seed(0)
+    if how == "whole":
+        model = build_model(opts)
+        init_weights_(model)
+        fsdp.shard_model(model, env)
+        return model
+    model, why = meta.build_on_meta(lambda: build_model(opts))
+    assert why is None and meta.why_not(model) is None
+    fsdp.shard_model(model, env)
+    model.to_empty(device="cpu")
+    meta.reset_constants_(model)
+    init_weights_(model)
+    return model
+
+
+def _construction_worker(rank: int, world_size: int, how: str, opts: dict, out: str) -> None:
+    from torch_agd.train.dist import DistEnv
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=600))
+    env = DistEnv(rank=rank, world_size=world_size)
+    # Once on a tiny model first: imports, MKL's and gloo's first allocations are not the model's.
+    _build_and_init(how, dict(opts, layers=1, dim=opts["heads"] * 2, vocab=8, context=4), env)
+    dist.barrier()
+    now = _rss_kib("VmRSS")
+    _reset_peak()
+    model = _build_and_init(how, opts, env)
+    peak = (_rss_kib("VmHWM") - now) * 1024
+    held = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, {"peak": peak, "held": held})
+    if rank == 0:
+        Path(out).write_text(json.dumps(everyone))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure_construction(how: str, world_size: int, opts: dict) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+        mp.start_processes(_construction_worker, args=(world_size, how, opts, out), nprocs=world_size,
+                           start_method="spawn")
+        return json.loads(Path(out).read_text())
+
+
+def construction_table(ranks: list[int], opts: dict) -> list[dict]:
+    """Per number of ranks, the largest rise in resident memory (peak RSS, from Linux's VmHWM) of
+    any rank while it builds and initialises the model, whole and on the meta device, against the
+    bytes of the whole model's parameters."""
+    model_bytes = sum(p.numel() * p.element_size() for p in build_model(opts).parameters())
+    rows = []
+    for n in ranks:
+        whole, on_meta = (measure_construction(how, n, opts) for how in ("whole", "meta"))
+        rows.append(dict(ranks=n, model=model_bytes, whole=max(r["peak"] for r in whole),
+                         meta=max(r["peak"] for r in on_meta), shard=max(r["held"] for r in on_meta)))
+        print(f"  measured construction on {n} rank(s)", file=sys.stderr, flush=True)
+    print("| ranks | model MiB | shard MiB (per rank) | peak RSS rise, whole build + init MiB | "
+          "peak RSS rise, meta build + init MiB | whole / model | meta / model |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['ranks']} | {r['model'] / MIB:,.1f} | {r['shard'] / MIB:,.1f} | {r['whole'] / MIB:,.1f} | "
+              f"{r['meta'] / MIB:,.1f} | {r['whole'] / r['model']:.2f} | {r['meta'] / r['model']:.2f} |")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
@@ -226,6 +320,9 @@ def main(argv=None) -> None:
     parser.add_argument("--vocab", type=int, default=256)
     parser.add_argument("--context", type=int, default=64)
     parser.add_argument("--batch", type=int, default=4, help="global batch (sequences), split over the ranks")
+    parser.add_argument("--construction", action="store_true",
+                        help="measure instead the peak memory per rank while building and initialising the "
+                             "model for FSDP2: whole (then sharded) and on the meta device")
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
     opts = vars(args)
@@ -235,6 +332,11 @@ def main(argv=None) -> None:
     print(f"CharLM: {args.layers} layers, dim {args.dim}, {args.heads} heads, vocab {args.vocab}, "
           f"context {args.context}; {sum(p.numel() for p in build_model(opts).parameters()):,} parameters, "
           f"float32; torch {torch.__version__}; figures per rank (the rank holding the most)", flush=True)
+    if args.construction:
+        rows = construction_table(args.ranks, opts)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return
     rows = []
     for strategy in args.strategies:
         for n in args.ranks:

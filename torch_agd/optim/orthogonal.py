@@ -49,20 +49,20 @@ def normal_stream(total: int, generator=None):
     total is not a multiple of 16, draws 16 more uniforms for the last 16 numbers. Runs of a
     multiple of 16 therefore chain exactly; tests/test_meta_init.py holds this to the bit."""
     if total < 16:  # another (serial) kernel: drawn whole, it is small
-        yield torch.randn(total, dtype=torch.float64, generator=generator)
+        yield torch.randn(total, dtype=torch.float64, device="cpu", generator=generator)
         return
     main = total - total % 16
     keep = total if total % 16 == 0 else total - 16  # what the last 16 do not overwrite
     done = 0
     while done < main:
-        piece = torch.randn(min(CHUNK, main - done), dtype=torch.float64, generator=generator)
+        piece = torch.randn(min(CHUNK, main - done), dtype=torch.float64, device="cpu", generator=generator)
         if done < keep:
             yield piece[:keep - done]
         done += piece.numel()
     if total % 16:
         # the uniforms of the unfinished last run are drawn and then overwritten
-        torch.empty(total % 16, dtype=torch.float64).uniform_(generator=generator)
-        yield torch.randn(16, dtype=torch.float64, generator=generator)
+        torch.empty(total % 16, dtype=torch.float64, device="cpu").uniform_(generator=generator)
+        yield torch.randn(16, dtype=torch.float64, device="cpu", generator=generator)
 
 
 class Reader:

@@ -56,7 +56,8 @@ def _on_cpu(value):
 def _drain_uniform(t: torch.Tensor, low: float, high: float, generator) -> None:
     # The CPU kernel draws one number per element, one element after another: chunks draw alike.
     for start in range(0, t.numel(), CHUNK):
-        torch.empty(min(CHUNK, t.numel() - start), dtype=t.dtype).uniform_(low, high, generator=generator)
+        chunk = torch.empty(min(CHUNK, t.numel() - start), dtype=t.dtype, device="cpu")
+        chunk.uniform_(low, high, generator=generator)
 
 
 def _drain_normal(t: torch.Tensor, generator) -> None:
@@ -65,10 +66,10 @@ def _drain_normal(t: torch.Tensor, generator) -> None:
     n = t.numel()
     main = n - n % 16
     for start in range(0, main, CHUNK):
-        torch.empty(min(CHUNK, main - start), dtype=t.dtype).normal_(generator=generator)
+        torch.empty(min(CHUNK, main - start), dtype=t.dtype, device="cpu").normal_(generator=generator)
     if n % 16:
-        torch.empty(n % 16, dtype=t.dtype).uniform_(generator=generator)
-        torch.empty(16, dtype=t.dtype).normal_(generator=generator)
+        torch.empty(n % 16, dtype=t.dtype, device="cpu").uniform_(generator=generator)
+        torch.empty(16, dtype=t.dtype, device="cpu").normal_(generator=generator)
 
 
 class Draws(TorchDispatchMode):
@@ -146,7 +147,8 @@ def why_not(model: nn.Module) -> str | None:
         if callable(getattr(module, "reset_constants", None)):
             continue
         where = f"{prefix or 'the model'} ({type(module).__name__})"
-        buffers = [] if isinstance(module, nn.modules.batchnorm._NormBase) else list(module.named_buffers(recurse=False))
+        batchnorm = isinstance(module, nn.modules.batchnorm._NormBase)  # reset_running_stats rebuilds them
+        buffers = [] if batchnorm else list(module.named_buffers(recurse=False))
         if buffers:
             return f"{where} holds the buffer {buffers[0][0]!r}, which its constructor sets"
         for attr, _ in module.named_parameters(recurse=False):
