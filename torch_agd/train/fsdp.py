@@ -8,9 +8,10 @@ shards where they are: one all-reduce of the squared block norms per step (torch
 
 Three things differ from a DDP run (docs/distributed.md, "FSDP2"):
 
-- the model (`shard_model`): the weights are drawn whole, on the CPU from the seed, as always;
-  then `fully_shard` wraps every unit (`units`) and the root, which replaces the parameters
-  with DTensors, so the trainer builds the optimizer after sharding, on those.
+- the model (`shard_model`): with AGD built on the meta device and initialised on the shards
+  (train/meta.py), with the other optimizers drawn whole, on the CPU from the seed, as always;
+  `fully_shard` wraps every unit (`units`) and the root, which replaces the parameters with
+  DTensors, so the trainer builds the optimizer after sharding, on those.
 - evaluation (`in_lockstep`): a sharded forward is a collective, so every rank must run as many
   forwards as the rank with the most test batches; the others run the missing ones on an empty
   batch, which counts nothing.
