@@ -38,7 +38,9 @@ def init_weights_(module_or_params, generator: torch.Generator | None = None):
     """Initialise parameters in place as AGD expects and return the argument.
 
     Accepts an nn.Module (every parameter, by its rule) or an iterable of >= 2-D weight tensors
-    laid out (out, in, kernel...). A parameter no rule covers is a UsageError naming it.
+    laid out (out, in, kernel...). A parameter no rule covers is a UsageError naming it. FSDP2
+    shards (DTensors sharded on dim 0, e.g. built on the meta device, sharded, then ``to_empty``)
+    get bitwise their rows of what the unsharded model gets from the same generator.
     """
     if isinstance(module_or_params, nn.Module):
         groups = module_param_groups(module_or_params)
