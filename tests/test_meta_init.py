@@ -171,10 +171,11 @@ def test_the_trainer_builds_on_meta_the_weights_of_its_whole_build(arch, dataset
 
 
 @needs_gloo
-def test_the_trainer_builds_whole_what_meta_cannot(one_rank, capsys):
+@pytest.mark.parametrize("arch", ["tv-vit", "hf:gpt2"])
+def test_the_trainer_builds_whole_what_meta_cannot(arch, one_rank, capsys):
     from torch_agd.train import run
 
-    config = SimpleNamespace(seed=5, arch="tv-vit", depth=3, width=24, optimizer="agd")
+    config = SimpleNamespace(seed=5, arch=arch, depth=3, width=24, optimizer="agd")
     assert run._sharded_from_meta(config, DATASETS["cifar10"], one_rank) is None
     out = capsys.readouterr().out
-    assert out.startswith("--fsdp: building tv-vit whole on every rank") and out.count("\n") == 1
+    assert out.startswith(f"--fsdp: building {arch} whole on every rank") and out.count("\n") == 1

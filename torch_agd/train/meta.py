@@ -8,7 +8,8 @@ shards, and init_weights_ draws every number of the whole init but keeps only th
 running statistics, and whatever a model of this project rebuilds in its `reset_constants()`
 (CharLM: its positional parameter and causal mask). A model holding anything else that its
 constructor sets (a buffer, a positional table drawn at random) is built whole, as before, and
-`why_not` says why in one line.
+`why_not` says why in one line; so are timm's and Hugging Face's models (run.py), whose
+constructors may draw fewer numbers on the meta device (hf:gpt2 does).
 
 The weights come out bitwise those of a build on the CPU followed by init_weights_, from the same
 seed: a CPU build draws numbers in the constructors (torch's default init, which AGD's then

@@ -24,7 +24,7 @@ import torch
 
 from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
-from torch_agd.models import build_model
+from torch_agd.models import ARCHS, build_model
 from torch_agd.train import checkpoint as ckpt
 from torch_agd.train import fsdp, meta, rundir
 from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, check_split, default_out,
@@ -252,8 +252,12 @@ def _sharded_from_meta(config: TrainConfig, info, env: DistEnv):
     and initialised: bitwise the weights of the whole build below, without ever holding them all
     (train/meta.py). None, with one line from rank 0, for a model that must be built whole."""
     torch.manual_seed(config.seed)
-    model, why = meta.build_on_meta(lambda: build_model(config.arch, info, depth=config.depth, width=config.width))
-    why = why or meta.why_not(model)
+    if config.arch not in ARCHS:  # found by trying: hf:gpt2's constructor draws less on the meta device
+        model, why = None, ("the constructors of timm and Hugging Face models may draw differently there, "
+                            "which would change the weights the seed gives")
+    else:
+        model, why = meta.build_on_meta(lambda: build_model(config.arch, info, depth=config.depth, width=config.width))
+        why = why or meta.why_not(model)
     if why is not None:
         if env.is_master:
             print(f"--fsdp: building {config.arch} whole on every rank, not on the meta device: {why}", flush=True)
