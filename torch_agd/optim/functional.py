@@ -50,7 +50,8 @@ class ParamStep:
     placement: Placement
     mult: float | Tensor
     mesh: object | None = None   # the device mesh of a sharded (DTensor) parameter
-    orthogonal: bool = False     # its matrix blocks move by O(D(B)) (orthogonalize.py), not D(B)/||D(B)||
+    orthogonal: str | None = None  # None: D(B)/||D(B)||; else its direction's name, whose matrix
+                                   # blocks move by O(D(B)) (orthogonalize.py)
     sharded_direction: Tensor | None = None  # a sharded parameter's whole direction (a DTensor)
 
 
@@ -248,10 +249,10 @@ def _orthogonal_moves(steps: list[ParamStep], n_blocks: int) -> tuple[list[Tenso
 
 
 def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str, mult,
-                orthogonal: bool = False) -> list[ParamStep]:
+                orthogonal: str | None = None) -> list[ParamStep]:
     """``p``'s ParamSteps, one per piece of its blocks (blocks.Assigned): local shards of a
-    DTensor, and a third of a split in_proj_bias each. ``orthogonal``: its blocks are matrices
-    and its group's direction is "orthogonal"."""
+    DTensor, and a third of a split in_proj_bias each. ``orthogonal``: what its matrix blocks
+    move by (orthogonalize.orthogonal_kind), None for the Frobenius rule."""
     out = []
     for a in assigned:
         w_, g_, d_, r0, n, contributes, mesh = p, grad, direction, 0, a.blocks.rows, True, None
@@ -336,7 +337,7 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
             d = momentum_direction(g, momentum_buffers[i], momentum, nesterov)
         b = rule.blocks(p.shape)
         steps.extend(param_steps(p, g, d, [Assigned(b, base)], name, mult,
-                                 orthogonal=direction == "orthogonal" and rule.matrix))
+                                 orthogonal=orthogonalize.orthogonal_kind(direction, rule.matrix)))
         base += b.count
     eta, finite = step_blocks(steps, depth=depth, n_blocks=base, foreach=foreach is not False)
     if buffers:

@@ -26,7 +26,7 @@ from torch_agd.train import rundir
 from torch_agd.train.fsdp import SHARDABLE
 from torch_agd.train.loop import LOSSES
 from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR
-from torch_agd.train.optimizers import AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
+from torch_agd.train.optimizers import AGD_HEADS, AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
 from torch_agd.train.schedule import SCHEDULES
 
 MOMENTUM_FORMS = ("nesterov", "heavy-ball")  # --momentum-form; TrainConfig.nesterov means the first
@@ -60,6 +60,8 @@ FLAGS: dict[str, tuple] = {
     "momentum_form": (str, "nesterov", "how AGD uses its momentum: nesterov or heavy-ball"),
     "agd_direction": (str, "frobenius", "how AGD moves each matrix block: frobenius (the paper's g / ||g||_F) or "
                                         "orthogonal (g's orthogonalisation, U V^T by Newton-Schulz; docs/rules.md)"),
+    "agd_head": (str, "same", "under --agd-direction orthogonal: same (the output head moves like every matrix) or "
+                              "frobenius (the head keeps the paper's rule, as Muon leaves the head to AdamW)"),
     "train_bs": (int, 128, "global training batch size, split over processes"),
     "test_bs": (int, 128, "global evaluation batch size"),
     "epochs": (int, 200, "epochs to train"),
@@ -80,7 +82,7 @@ FLAGS: dict[str, tuple] = {
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
 CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
-           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
+           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "agd_head": AGD_HEADS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
@@ -135,6 +137,7 @@ class TrainConfig:
     momentum: float
     nesterov: bool
     agd_direction: str
+    agd_head: str
     train_bs: int
     test_bs: int
     epochs: int
@@ -186,7 +189,7 @@ def _check_new(values: dict, given: dict) -> None:
     for flag in ("gain", "agd_depth", "momentum"):
         if flag in given and values["optimizer"] not in AGD_OPTIMIZERS:
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {values['optimizer']} takes --lr")
-    for flag in ("momentum", "momentum_form", "agd_direction"):
+    for flag in ("momentum", "momentum_form", "agd_direction", "agd_head"):
         if flag in given and values["optimizer"] != "agd":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
     for flag in ("aux_lr", "muon_adjust_lr"):

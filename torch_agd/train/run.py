@@ -32,7 +32,7 @@ from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, chec
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
 from torch_agd.train.muon import example_input
-from torch_agd.train.optimizers import agd_of, build_optimizer, init_weights
+from torch_agd.train.optimizers import agd_of, build_optimizer, init_weights, needs_example
 from torch_agd.train.schedule import build_scheduler
 
 __all__ = ["add_arguments", "run"]  # what the CLI's `train` subcommand calls
@@ -239,9 +239,9 @@ def _build(config: TrainConfig, env: DistEnv):
         fsdp.shard_model(model, env)
     optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
                                 momentum=config.momentum, nesterov=config.nesterov, direction=config.agd_direction,
-                                init=False, aux_lr=config.aux_lr,
+                                agd_head=config.agd_head, init=False, aux_lr=config.aux_lr,
                                 muon_adjust_lr=config.muon_adjust_lr,
-                                example=example_input(info) if config.optimizer == "muon" else None)
+                                example=example_input(info) if needs_example(config.optimizer, config.agd_head) else None)
     return model, optimizer
 
 
