@@ -375,6 +375,7 @@ PINNED_MORE = {
         "hf-llama-agd": 0.61, "hf-llama-agd-m0.9": 0.63, "hf-llama-adamw-lr3e-04": 0.58, "hf-llama-adamw-lr1e-03": 0.60,
         "hf-llama-adamw-lr3e-03": 0.62, "hf-llama-adamw-lr1e-02": 0.55,
     },
+    "compare": {},  # every config at its default value (0.60 + 0.01 per character of its group)
 }
 # The L that AGD uses on each model (measured: AGD(model).depth), as the trainer records it.
 PINNED_L = {("tv-resnet18", "auto"): 10, ("tv-resnet18", "weights"): 21, ("tv-vit", "auto"): 10,
@@ -424,7 +425,7 @@ def test_where_agd_loses_lists_the_findings_the_sections_state(tmp_path):
     worse = [(g, f.text) for g, section in sections.items() for f in section.findings if f.worse]
     assert [g for g, _ in worse] == ["lr", "lr", "shape", "batch", "peers", "peers", "momentum", "momentum",
                                      "models", "models", "models", "models", "models", "models", "libraries",
-                                     "libraries"]
+                                     "libraries", *["compare"] * 40]
     assert worse[2][1] == "AGD did not train (test accuracy under twice chance) at: depth 16 width 32"
     peers = [f.text for f in sections["peers"].findings]
     assert peers[2:] == ["AGD ties with dadapt-adam (test accuracy 80.5%)",
