@@ -20,8 +20,9 @@ small networks, a few epochs or steps, sized for a 2-core CPU):
          and the paper's ResNet-18 under both counts of AGD's depth L;
 - libraries: AGD(model) on a timm model and a transformers causal LM built by name (timm:resnet18,
          hf:llama), at its defaults and with momentum, against AdamW over a few lrs, at equal steps;
-- muon:  Muon (--optimizer muon) tuned over its lr at both of torch's lr adjustments, on the five
-         models of the results tables, each at the budget of the grid its table comes from.
+- compare: every optimizer on each model of the results tables (AGD, the orthogonal-direction AGD,
+         AdamW and Muon tuned over their lrs, Prodigy, Schedule-Free, and the controls), model by
+         model, at the budget of the grid each model's table comes from.
 """
 
 from __future__ import annotations

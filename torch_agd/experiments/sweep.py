@@ -6,7 +6,7 @@ flight. Re-running a sweep skips runs that wrote summary.json, resumes (``--resu
 left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's flags, so a
 second sweep with other settings into the same directory is refused instead of silently mixed.
 
-The grids (lr, shape, batch, peers, batch-steps, momentum, models, libraries, muon) and their scales are defined
+The grids (lr, shape, batch, peers, batch-steps, momentum, models, libraries, compare) and their scales are defined
 in grids.py.
 """
 
