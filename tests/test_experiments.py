@@ -511,3 +511,13 @@ def test_a_page_of_some_grids_shows_those_alone_and_names_its_command(tmp_path):
     assert full.count("Not run: no runs under") == len(results.GRID_ORDER) - 1
     with pytest.raises(UsageError, match="unknown grid in --grids nope"):
         results.render_page(tmp_path, tmp_path / "page.md", tmp_path / "figures", ["nope"])
+
+
+def test_only_runs_the_matching_runs_in_the_grids_order_and_refuses_a_pattern_matching_none(tmp_path, capsys):
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=2, only="bs4096-s1"), runner=trainer) == 0
+    assert [call[-1].rsplit("/", 1)[-1] for call in trainer.calls] == ["bs4096-s1"]
+    names = [s.name for s in sweep.only(sweep.grid_runs("batch", "small", seeds=2), ["bs1*-s0", "*-s1"])]
+    assert names == ["bs128-s0", "bs1024-s0", "bs32-s1", "bs128-s1", "bs1024-s1", "bs4096-s1"]
+    with pytest.raises(UsageError, match=r"^--only 'bs64-\*' matches none of the grid's 8 runs \(names like bs32-s0\)"):
+        sweep.only(sweep.grid_runs("batch", "small", seeds=2), ["bs1*", "bs64-*"])
