@@ -331,6 +331,8 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
     for i, (p, g, rule) in enumerate(zip(params, grads, rules, strict=True)):
         name = f"params[{i}]"
         rule.check(p, name)
+        if type(g) is not Tensor:  # a DTensor's gradient (TP) may be laid out unlike its parameter
+            g = sharding.laid_out_as(p, g)
         d = g
         if momentum:
             if momentum_buffers[i] is None:

@@ -50,6 +50,16 @@ class Held:
     index: tuple        # per dim: the global indices held (a LongTensor), or None for all of them
 
 
+def laid_out_as(p: Tensor, grad: Tensor) -> Tensor:
+    """``grad`` with ``p``'s placements. FSDP2 reduce-scatters gradients into the parameters'
+    layout, but tensor parallelism leaves each gradient as DTensor's backward made it (a
+    RowwiseParallel embedding's comes out replicated): taking its shard of a replicated
+    gradient is a local slice, and only a Partial one costs a collective (a reduce-scatter)."""
+    if not (is_sharded(p) and is_sharded(grad)) or tuple(grad.placements) == tuple(p.placements):
+        return grad
+    return grad.redistribute(p.device_mesh, p.placements)
+
+
 def local(p: Tensor, grad: Tensor, name: str, row_dims: int, kernel_dims: int):
     """(local weight, local gradient, Held, mesh) for a DTensor parameter whose blocks read its
     first ``row_dims`` dims as rows and its last ``kernel_dims`` as kernel positions."""
