@@ -154,3 +154,131 @@ def test_a_2x2_checkpoint_resumes_on_one_process(on_2x2, ckpt):
     for name, p in model.named_parameters():
         err = ((p.detach() - final[name]).norm() / final[name].norm()).item()
         assert err <= 1e-5, (name, err)
+
+
+# ------------------------------------------------------------------ agd train --tp
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A 1-rank FSDP job in this process, as `agd train --fsdp` starts one without a launcher."""
+    from test_distributed import LAUNCHER_VARS
+    from torch_agd.train.dist import DistEnv
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    env = DistEnv.create(cpu=True, fsdp=True)
+    yield env
+    env.close()
+
+
+def _placements(model) -> dict:
+    return {n: ([type(pl).__name__ + str(getattr(pl, "dim", "")) for pl in p.placements],
+                list(p.device_mesh.mesh_dim_names)) for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["charlm", "hf:llama"])
+def test_tp_splits_each_layer_in_megatrons_pairs_and_leaves_the_rest_to_fsdp2(one_rank, arch):
+    """On a 1 x 1 mesh (the plan is what matters): colwise weights Shard(0) over tp, rowwise
+    ones Shard(1), a rowwise bias replicated; charlm's packed attention and every norm and
+    embedding on the dp mesh alone."""
+    from torch_agd.data import DATASETS
+    from torch_agd.models import build_model
+    from torch_agd.train import tp
+
+    if arch.startswith("hf:"):
+        pytest.importorskip("transformers")
+    model = build_model(arch, DATASETS["text"], depth=2, width=64)
+    tp.shard_model(model, one_rank, 1, arch)
+    placed = _placements(model)
+    dp = (["Shard0"], ["dp"])
+    if arch == "charlm":
+        layer = "blocks.layers.1."
+        split = {"linear1.weight": ["Shard0", "Shard0"], "linear1.bias": ["Shard0", "Shard0"],
+                 "linear2.weight": ["Shard0", "Shard1"], "linear2.bias": ["Shard0", "Replicate"]}
+        whole = ["self_attn.in_proj_weight", "self_attn.out_proj.weight", "norm1.weight"]
+        assert placed["embed.weight"] == placed["pos"] == placed["head.weight"] == dp
+    else:
+        layer = "model.model.layers.1."
+        split = {f"self_attn.{c}_proj.weight": ["Shard0", "Shard0"] for c in "qkv"}
+        split |= {"self_attn.o_proj.weight": ["Shard0", "Shard1"], "mlp.gate_proj.weight": ["Shard0", "Shard0"],
+                  "mlp.up_proj.weight": ["Shard0", "Shard0"], "mlp.down_proj.weight": ["Shard0", "Shard1"]}
+        whole = ["input_layernorm.weight", "post_attention_layernorm.weight"]
+        assert placed["model.model.embed_tokens.weight"] == placed["model.lm_head.weight"] == dp
+    for name, placements in split.items():
+        assert placed[layer + name] == (placements, ["dp", "tp"]), name
+    for name in whole:
+        assert placed[layer + name] == dp, name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fsdp", "--tp", "3"], "--tp 3 does not divide the 4 processes; use a divisor of 4"),
+    (["--fsdp", "--tp", "0"], "--tp must be at least 1, got 0"),
+    (["--tp", "2"], "--tp shards the data-parallel dim with FSDP2 as well: add --fsdp"),
+    (["--fsdp", "--tp", "2", "--arch", "fcn", "--dataset", "fashion-mnist"],
+     "--tp splits transformer layers; --arch fcn has none: use charlm, charlm-tied or hf:NAME"),
+    (["--fsdp", "--tp", "2", "--arch", "hf:gpt2"],
+     "--tp: transformers has no tensor-parallel plan for hf:gpt2; run it without --tp"),
+    (["--fsdp", "--tp", "2", "--arch", "hf:llama", "--width", "96"],
+     "--tp 2 must divide hf:llama's 3 attention heads (--width / 32): each tp rank computes whole heads"),
+])
+def test_a_bad_tp_is_refused_in_one_line_before_joining(flags, message, tmp_path, capsys, monkeypatch):
+    from test_distributed import LAUNCHER_VARS
+    from torch_agd.cli import main
+
+    if "hf:" in " ".join(flags):
+        pytest.importorskip("transformers")
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    # Rank 0 of 4 with no other rank anywhere: a check after init_process_group would wait for them.
+    for var, value in dict(RANK="0", WORLD_SIZE="4", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+                           AGD_DIST_TIMEOUT="5").items():
+        monkeypatch.setenv(var, value)
+    text = tmp_path / "t.txt"
+    text.write_text("abc " * 100)
+    out = tmp_path / "run"
+    args = ["train", "--cpu", "--arch", "charlm", "--dataset", "text", "--data-dir", str(text), *flags, "--out", str(out)]
+    assert main(args) == 2
+    assert capsys.readouterr().err == f"agd: error: {message}\n"
+    assert not out.exists() and not dist.is_initialized()
+
+
+WORDS = ["the", "agd", "tensor", "parallel", "shard", "norm", "block", "gradient", "step", "mesh"]
+TRAIN = ["--cpu", "--dataset", "text", "--steps", "4", "--train_bs", "8", "--test_bs", "64"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (20_000,), generator=g).tolist()))
+    return path
+
+
+def _train(nproc: int, arch: str, flags: list, text, out) -> dict:
+    args = ["-m", "torch_agd", "train", "--arch", arch, *TRAIN, "--data-dir", str(text), "--out", str(out), *flags]
+    if nproc == 1:
+        cmd = [sys.executable, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+               f"--master_port={_free_port()}", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-5000:]
+    return json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+@pytest.mark.parametrize("arch, nproc, tp", [("charlm", 4, 2), ("hf:llama", 2, 2)])
+def test_agd_train_tp_matches_one_process(arch, nproc, tp, text_file, tmp_path):
+    """2 x 2 (charlm: dp 2, tp 2) and 1 x 2 (hf:llama: tp alone, FSDP2 over a dp of 1) against
+    the same run in one process: same global batches, so the same eta and losses to rounding."""
+    if arch.startswith("hf:"):
+        pytest.importorskip("transformers")
+    sharded = _train(nproc, arch, ["--fsdp", "--tp", str(tp)], text_file, tmp_path / "tp")
+    alone = _train(1, arch, [], text_file, tmp_path / "alone")
+    for key in ("eta_mean", "eta_min", "eta_max"):
+        assert abs(sharded[key] - alone[key]) <= 1e-6, (key, sharded[key], alone[key])
+    for key in ("train_loss", "test_loss"):
+        assert abs(sharded[key] - alone[key]) <= 1e-5 * abs(alone[key]), (key, sharded[key], alone[key])
+    for key in ("train_acc", "test_acc"):  # every sample counted once, not once per tp rank
+        assert abs(sharded[key] - alone[key]) <= 1e-3, (key, sharded[key], alone[key])
+    assert json.loads((tmp_path / "tp" / "config.json").read_text())["tp"] == tp

@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
     rank, world_size = launch_position()
     try:
         config, resuming = resolve_config(args)
-        tp.check(config.tp, config.arch, config.fsdp, world_size)
+        tp.check(config, world_size)
         check_split(config, world_size // config.tp)  # the tp ranks of a dp group share its batches
         check_fsdp(config)
     except UsageError:

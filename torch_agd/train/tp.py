@@ -27,14 +27,17 @@ import torch
 from torch import nn
 
 from torch_agd.errors import UsageError
+from torch_agd.models.libraries import HEAD_DIM, _load
 from torch_agd.train import fsdp
 from torch_agd.train.dist import DistEnv
 
 ARCHS = ("charlm", "charlm-tied")  # and hf:NAME
+STYLES = ("colwise", "rowwise")  # the styles of transformers' plans that the trainer builds
 
 
-def check(tp: int, arch: str, fsdp_on: bool, world_size: int) -> None:
-    """--tp's one-line refusals, before joining the process group."""
+def check(config, world_size: int) -> None:
+    """--tp's one-line refusals, before joining the process group (``config``: a TrainConfig)."""
+    tp, arch = config.tp, config.arch
     if tp == 1:
         return
     if tp < 1:
@@ -43,29 +46,37 @@ def check(tp: int, arch: str, fsdp_on: bool, world_size: int) -> None:
         raise UsageError(f"--tp {tp} does not divide the {world_size} processes; use a divisor of {world_size}")
     if arch not in ARCHS and not arch.startswith("hf:"):
         raise UsageError(f"--tp splits transformer layers; --arch {arch} has none: use charlm, charlm-tied or hf:NAME")
-    if not fsdp_on:
+    if not config.fsdp:
         raise UsageError("--tp shards the data-parallel dim with FSDP2 as well: add --fsdp")
+    if arch.startswith("hf:"):
+        _check_hf(arch, tp, heads=config.width // HEAD_DIM)
 
 
-def plan(model: nn.Module, arch: str, tp: int) -> dict:
+def _check_hf(arch: str, tp: int, heads: int) -> None:
+    """transformers' plan for the model type exists and uses only the two styles built here,
+    and tp divides the heads (an hf: model has width / HEAD_DIM of them, as many key/value heads)."""
+    CONFIG_MAPPING = _load("transformers").CONFIG_MAPPING
+    name = arch[len("hf:"):]
+    given = getattr(CONFIG_MAPPING[name], "base_model_tp_plan", None) if name in CONFIG_MAPPING else None
+    if not given:
+        raise UsageError(f"--tp: transformers has no tensor-parallel plan for {arch}; run it without --tp")
+    odd = sorted({style for style in given.values() if style not in STYLES})
+    if odd:
+        raise UsageError(f"--tp: {arch}'s tensor-parallel plan uses {', '.join(odd)}, which the trainer does not "
+                         "build (colwise and rowwise only); run it without --tp")
+    if heads % tp:
+        raise UsageError(f"--tp {tp} must divide {arch}'s {heads} attention heads (--width / {HEAD_DIM}): "
+                         "each tp rank computes whole heads")
+
+
+def plan(model: nn.Module, arch: str) -> dict:
     """parallelize_module's plan for ``model``: module path (with * for any layer) -> style."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
 
     if arch in ARCHS:
         return {"blocks.layers.*.linear1": ColwiseParallel(), "blocks.layers.*.linear2": RowwiseParallel()}
-    config = model.model.config
-    given = getattr(config, "base_model_tp_plan", None) or {}
-    if not given:
-        raise UsageError(f"--tp: transformers has no tensor-parallel plan for {arch}; run it without --tp")
-    odd = sorted({style for style in given.values() if style not in ("colwise", "rowwise")})
-    if odd:
-        raise UsageError(f"--tp: {arch}'s tensor-parallel plan uses {', '.join(odd)}, which the trainer does not "
-                         "build (colwise and rowwise only); run it without --tp")
-    heads = {getattr(config, k, None) for k in ("num_attention_heads", "num_key_value_heads")} - {None}
-    if any(h % tp for h in heads):
-        raise UsageError(f"--tp {tp} must divide {arch}'s attention heads ({', '.join(map(str, sorted(heads)))}): "
-                         "each tp rank computes whole heads")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    given = model.model.config.base_model_tp_plan  # checked by _check_hf
     return {f"model.model.{path}": styles[style]() for path, style in given.items()}
 
 
@@ -77,10 +88,7 @@ def shard_model(model: nn.Module, env: DistEnv, tp: int, arch: str) -> None:
     from torch.distributed.tensor.parallel import parallelize_module
 
     mesh = init_device_mesh(env.device.type, (env.world_size // tp, tp), mesh_dim_names=("dp", "tp"))
-    parallelize_module(model, mesh["tp"], plan(model, arch, tp))
-    # nn.TransformerEncoderLayer's fused inference kernel takes plain tensors, not the DTensor
-    # weights of a split layer: evaluation takes the layer's ordinary path instead.
-    torch.backends.mha.set_fastpath_enabled(False)
+    parallelize_module(model, mesh["tp"], plan(model, arch))
     for group in fsdp._tied(fsdp.units(model)):
         fully_shard(group if len(group) > 1 else group[0], mesh=mesh["dp"])
     fully_shard(model, mesh=mesh["dp"])
