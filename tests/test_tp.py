@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 import tp_driver
+from torch.distributed.tensor import Shard
 from test_distributed import REPO, _env, _free_port
 
 pytestmark = [
@@ -209,6 +210,30 @@ def test_tp_splits_each_layer_in_megatrons_pairs_and_leaves_the_rest_to_fsdp2(on
         assert placed[layer + name] == (placements, ["dp", "tp"]), name
     for name in whole:
         assert placed[layer + name] == dp, name
+
+
+@pytest.mark.parametrize("layer, placement, message", [
+    ("conv", "shard 2", "AGD cannot step weight, placed as (Shard(dim=2),): it is split on a kernel dim, which "
+                         "cuts its blocks' kernel positions apart; shard it on its out or in channels"),
+    ("linear", "partial", "AGD cannot step weight, placed as (Partial(sum),): Partial(sum) holds summands, not "
+                            "entries: AGD steps Shard and Replicate placements"),
+])
+def test_a_layout_agd_cannot_step_is_refused_in_one_line(one_rank, layer, placement, message):
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    from torch_agd import AGD
+    from torch_agd.errors import UsageError
+
+    mesh = init_device_mesh("cpu", (1,))
+    model = nn.Conv2d(2, 3, 3, bias=False) if layer == "conv" else nn.Linear(4, 3, bias=False)
+    placed = [Shard(2) if placement == "shard 2" else Partial()]
+    model.weight = nn.Parameter(DTensor.from_local(model.weight.detach(), mesh, placed))
+    model.weight.grad = DTensor.from_local(torch.ones(model.weight.shape), mesh, placed)
+    with pytest.raises(UsageError) as caught:
+        AGD(model).step()
+    assert str(caught.value) == message
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -53,8 +53,9 @@ class Held:
 def laid_out_as(p: Tensor, grad: Tensor) -> Tensor:
     """``grad`` with ``p``'s placements. FSDP2 reduce-scatters gradients into the parameters'
     layout, but tensor parallelism leaves each gradient as DTensor's backward made it (a
-    RowwiseParallel embedding's comes out replicated): taking its shard of a replicated
-    gradient is a local slice, and only a Partial one costs a collective (a reduce-scatter)."""
+    RowwiseParallel embedding's comes out replicated, a SequenceParallel norm's Partial): taking
+    its shard of a replicated gradient is a local slice, and only a Partial one costs a
+    collective (an all-reduce, or a reduce-scatter into a shard) that completes it."""
     if not (is_sharded(p) and is_sharded(grad)) or tuple(grad.placements) == tuple(p.placements):
         return grad
     return grad.redistribute(p.device_mesh, p.placements)
@@ -90,8 +91,9 @@ def _held(shape: tuple, mesh, placements: tuple, row_dims: int, kernel_dims: int
     n = len(rows)
     r0 = int(rows[0]) if n else 0
     if n and not torch.equal(rows, torch.arange(r0, r0 + n)):
+        split = [d for d in range(row_dims) if index[d] is not None]
         raise ValueError(f"it holds rows that are not one run of its {math.prod(shape[:row_dims])} rows "
-                         f"(a split of row dim {next(d for d in range(1, row_dims) if index[d] is not None)}); "
+                         f"(its blocks' rows are dims 0 to {row_dims - 1}, and it is split on {split}); "
                          "shard it on dim 0 or on an inner dim")
     inner = math.prod(len(index[d]) if index[d] is not None else shape[d] for d in range(row_dims, ndim - kernel_dims))
     return Held(r0, n, inner, _counts(mesh, placements), index)
@@ -110,7 +112,7 @@ def _indices(shape: tuple, mesh, placements: tuple) -> list:
         if isinstance(placement, Replicate):
             continue
         if not isinstance(placement, (Shard, _StridedShard)):
-            raise ValueError(f"AGD steps Shard and Replicate placements, not {placement}")
+            raise ValueError(f"{placement!r} holds summands, not entries: AGD steps Shard and Replicate placements")
         d = placement.dim % len(shape)
         size, held = _get_shard_size_and_offsets(local[d], mesh.size(mesh_dim), coordinate[mesh_dim], placement,
                                                  index[d], shape[d], False)
