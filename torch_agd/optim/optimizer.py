@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from ..errors import UsageError
 from .blocks import assign_blocks
+from . import sharding
 from .depth import infer_depth
 from .orthogonalize import check_direction, orthogonal_kind
 from .functional import ParamStep, clear_if_skipped, momentum_direction, param_steps, step_blocks
@@ -256,6 +257,8 @@ class AGD(Optimizer):
             name = self._name(group, i, gi)
             if g.is_sparse:
                 raise UsageError(f"AGD cannot use the sparse gradient of {name}: build the layer with sparse=False")
+            if type(g) is not Tensor:  # a DTensor's gradient (TP) may be laid out unlike its parameter
+                g = sharding.laid_out_as(p, g)
             d = g
             if beta:
                 state = self.state[p]

@@ -166,11 +166,14 @@ def _whole(s) -> Tensor:
 
 
 def _local(update: Tensor, s) -> Tensor:
-    """The rows of a whole update that the step's process holds (all of them unless sharded),
-    laid out like its local direction."""
+    """The entries of a whole update that the step's process holds (all of them unless sharded:
+    rows, columns or both), laid out like its local direction."""
     if s.sharded_direction is None:
         return update
-    e = s.placement
+    held = update.reshape(s.sharded_direction.shape)
+    for dim, index in enumerate(s.held):
+        if index is not None:
+            held = held.index_select(dim, index.to(held.device))
     out = torch.empty_like(s.direction)
-    out.copy_(update.reshape(e.blocks.rows, -1)[e.r0:e.r0 + e.n].reshape(s.direction.shape))
+    out.copy_(held.reshape(s.direction.shape))
     return out

@@ -77,6 +77,8 @@ FLAGS: dict[str, tuple] = {
     "cpu": (bool, False, "train on the CPU even if a GPU is available"),
     "distribute": (bool, False, "one process per device under torchrun (implied by torchrun)"),
     "fsdp": (bool, False, "shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"),
+    "tp": (int, 1, "tensor parallelism: split each transformer layer over N processes (Megatron's column/row "
+                   "pairs; charlm and hf: models), FSDP2 over the world / N data-parallel groups; needs --fsdp"),
     "data_dir": (str, None, "where datasets live or are downloaded to (default $AGD_DATA, else ~/.cache/torch-agd)"),
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
@@ -86,7 +88,7 @@ CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIM
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
-MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
+MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out", "tp")  # tp: DCP reshards
 TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
 
 
@@ -153,6 +155,7 @@ class TrainConfig:
     data_dir: str | None
     workers: int
     out: str | None
+    tp: int = 1
 
     @classmethod
     def from_flags(cls, values: dict) -> "TrainConfig":
