@@ -17,7 +17,7 @@ ROOT=${ROOT:-runs}
 SEEDS=${SEEDS:-3}
 JOBS=${JOBS:-1}
 SCALE=${SCALE:-small}
-GRIDS=${GRIDS:-lr shape batch batch-steps peers momentum models libraries}
+GRIDS=${GRIDS:-lr shape batch batch-steps peers momentum models libraries compare}
 
 for grid in $GRIDS; do
     "$PYTHON" -m torch_agd sweep "$grid" --scale "$SCALE" --seeds "$SEEDS" --jobs "$JOBS" --root "$ROOT"

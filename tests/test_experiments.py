@@ -375,6 +375,7 @@ PINNED_MORE = {
         "hf-llama-agd": 0.61, "hf-llama-agd-m0.9": 0.63, "hf-llama-adamw-lr3e-04": 0.58, "hf-llama-adamw-lr1e-03": 0.60,
         "hf-llama-adamw-lr3e-03": 0.62, "hf-llama-adamw-lr1e-02": 0.55,
     },
+    "compare": {},  # every config at its default value (0.60 + 0.01 per character of its group)
 }
 # The L that AGD uses on each model (measured: AGD(model).depth), as the trainer records it.
 PINNED_L = {("tv-resnet18", "auto"): 10, ("tv-resnet18", "weights"): 21, ("tv-vit", "auto"): 10,
@@ -424,7 +425,7 @@ def test_where_agd_loses_lists_the_findings_the_sections_state(tmp_path):
     worse = [(g, f.text) for g, section in sections.items() for f in section.findings if f.worse]
     assert [g for g, _ in worse] == ["lr", "lr", "shape", "batch", "peers", "peers", "momentum", "momentum",
                                      "models", "models", "models", "models", "models", "models", "libraries",
-                                     "libraries"]
+                                     "libraries", *["compare"] * 40]
     assert worse[2][1] == "AGD did not train (test accuracy under twice chance) at: depth 16 width 32"
     peers = [f.text for f in sections["peers"].findings]
     assert peers[2:] == ["AGD ties with dadapt-adam (test accuracy 80.5%)",
@@ -510,3 +511,13 @@ def test_a_page_of_some_grids_shows_those_alone_and_names_its_command(tmp_path):
     assert full.count("Not run: no runs under") == len(results.GRID_ORDER) - 1
     with pytest.raises(UsageError, match="unknown grid in --grids nope"):
         results.render_page(tmp_path, tmp_path / "page.md", tmp_path / "figures", ["nope"])
+
+
+def test_only_runs_the_matching_runs_in_the_grids_order_and_refuses_a_pattern_matching_none(tmp_path, capsys):
+    trainer = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", tmp_path, seeds=2, only="bs4096-s1"), runner=trainer) == 0
+    assert [call[-1].rsplit("/", 1)[-1] for call in trainer.calls] == ["bs4096-s1"]
+    names = [s.name for s in sweep.only(sweep.grid_runs("batch", "small", seeds=2), ["bs1*-s0", "*-s1"])]
+    assert names == ["bs128-s0", "bs1024-s0", "bs32-s1", "bs128-s1", "bs1024-s1", "bs4096-s1"]
+    with pytest.raises(UsageError, match=r"^--only 'bs64-\*' matches none of the grid's 8 runs \(names like bs32-s0\)"):
+        sweep.only(sweep.grid_runs("batch", "small", seeds=2), ["bs1*", "bs64-*"])

@@ -297,12 +297,13 @@ def test_an_lr_scheduler_drives_every_part():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
-# ------------------------------------------------------------------ the muon grid
+# ------------------------------------------------------------------ the compare grid
 
 
 def _budget(argv):
     """A run's flags less the optimizer's and the seed: model, data, loss, batch sizes, budget."""
-    drop = {"--optimizer", "--lr", "--aux-lr", "--muon-adjust-lr", "--seed", "--momentum", "--momentum-form"}
+    drop = {"--optimizer", "--lr", "--aux-lr", "--muon-adjust-lr", "--seed", "--momentum", "--momentum-form",
+            "--agd-direction", "--agd-head", "--gain", "--schedule"}
     out, it = [], iter(argv)
     for flag in it:
         value = next(it)
@@ -311,26 +312,53 @@ def _budget(argv):
     return sorted(zip(out[::2], out[1::2]))
 
 
+MODEL_TABLES = {"fcn": "momentum", "cnn": "momentum", "tv-resnet18": "models", "tv-vit": "models", "charlm": "models"}
+
+
 @pytest.mark.parametrize("scale", ["small", "paper"])
-def test_the_muon_grid_tunes_both_adjustments_at_the_budgets_of_each_models_table(scale):
+def test_the_compare_grid_tunes_both_muon_adjustments_at_the_budgets_of_each_models_table(scale):
     from torch_agd.experiments import grids
 
-    specs = grids.grid_runs("muon", scale, seeds=1)
-    assert len(specs) == 5 * 9
-    by_name = {spec.name: spec for spec in specs}
-    models = {"fcn": "momentum", "cnn": "momentum", "tv-resnet18": "models", "tv-vit": "models", "charlm": "models"}
-    for model, table in models.items():
-        runs = [s for s in specs if s.name.startswith(f"{model}-muon-")]
+    specs = grids.grid_runs("compare", scale, seeds=1)
+    assert {s.argv[s.argv.index("--arch") + 1] for s in specs} == set(MODEL_TABLES)
+    for model, table in MODEL_TABLES.items():
+        mine = [s for s in specs if s.name.startswith(f"{model}-") and s.argv[s.argv.index("--arch") + 1] == model]
+        runs = [s for s in mine if s.name.startswith(f"{model}-muon-") and not s.name.endswith("-linear-s0")]
         assert len(runs) == 9
         lrs = {(s.argv[s.argv.index("--muon-adjust-lr") + 1], float(s.argv[s.argv.index("--lr") + 1])) for s in runs}
         assert lrs == {("match_rms_adamw", lr) for lr in (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)} | \
             {("original", lr) for lr in (3e-3, 1e-2, 3e-2, 1e-1)}
         assert {s.argv[s.argv.index("--aux-lr") + 1] for s in runs} == {f"{grids.MUON_AUX_LRS[model]:g}"}
-        # the budget, data and loss of the run it is compared with in its table
+        adamw = [s for s in mine if s.name.startswith(f"{model}-adamw-") and not s.name.endswith("-linear-s0")]
+        assert len(adamw) == 4
+        # every configuration at the budget, data and loss of the run it is compared with in its table
         other = next(s for s in grids.grid_runs(table, scale, seeds=1)
                      if s.name.startswith(f"{model}-") and ("-adam" in s.name))
-        assert all(_budget(s.argv) == _budget(other.argv) for s in runs), (model, other.name)
+        assert len(mine) >= 23 and all(_budget(s.argv) == _budget(other.argv) for s in mine), (model, other.name)
+    by_name = {spec.name: spec for spec in specs}
     assert "tv-vit-muon-rms-lr1e-03-s0" in by_name and "charlm-muon-orig-lr1e-01-s0" in by_name
+    assert by_name["charlm-agd-orth-headfro-s0"].argv[-8:] == (
+        "--agd-direction", "orthogonal", "--momentum", "0.9", "--agd-head", "frobenius", "--seed", "0")
+
+
+def test_the_compare_grid_reruns_methods_and_tuned_lrs_at_later_seeds_model_by_model(monkeypatch):
+    from torch_agd.experiments import grids
+
+    monkeypatch.setattr(grids, "COMPARE_TUNED", {"charlm": ("adamw-lr3e-03", "muon-rms-lr1e-02")})
+    specs = grids.grid_runs("compare", "small", seeds=3)
+    archs = [s.argv[s.argv.index("--arch") + 1] for s in specs]
+    assert archs == sorted(archs, key=grids.COMPARE_MODELS.index)  # model-major
+    lm = [s.name for s in specs if archs[specs.index(s)] == "charlm"]
+    later = {n[:-3] for n in lm if not n.endswith("-s0")}
+    assert later == {f"charlm-{c}" for c in (*grids.COMPARE_METHODS, "adamw-lr3e-03", "muon-rms-lr1e-02")}
+    assert [n for n in lm if n.endswith("-s1")] == [n[:-3] + "-s1" for n in lm if n.endswith("-s0")
+                                                     and n[:-3] in later]
+    assert {"charlm-adamw-lr3e-03-linear-s0", "charlm-muon-rms-lr1e-02-linear-s0", "charlm-agd-orth-linear-s0",
+            "charlm-agd-orth-normalised-s0", "charlm-agd-m0.9-gain10-s0"} <= set(lm)
+    vit_later = {s.name[:-3] for s in specs if s.name.startswith("tv-vit-") and s.name.endswith("-s2")}
+    assert vit_later == {f"tv-vit-{c}" for c in grids.COMPARE_METHODS}  # no tuned lr known: methods only
+    linear = next(s for s in specs if s.name == "charlm-muon-rms-lr1e-02-linear-s0")
+    assert linear.argv[linear.argv.index("--schedule") + 1] == "linear"
 
 
 def test_a_torch_without_muon_is_a_one_line_error(monkeypatch):

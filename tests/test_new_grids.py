@@ -121,7 +121,7 @@ def test_the_trainer_accepts_every_run_of_every_grid(scale):
             check_split(config, world_size=1)
 
 
-@pytest.mark.parametrize("name, count", [("batch-steps", 12), ("momentum", 63), ("models", 96), ("muon", 135)])
+@pytest.mark.parametrize("name, count", [("batch-steps", 12), ("momentum", 63), ("models", 96)])
 def test_dry_run_lists_the_new_grids(tmp_path, capsys, name, count):
     parser = argparse.ArgumentParser()
     sweep.add_arguments(parser)

@@ -298,12 +298,12 @@ def test_functional_agd_takes_the_same_orthogonal_step():
     agd(b, gs, rules=["weight", "weight", "embedding"], depth=3, direction="orthogonal")
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
-    with pytest.raises(UsageError, match="direction must be 'frobenius' or 'orthogonal', got 'muon'"):
+    with pytest.raises(UsageError, match="direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', got 'muon'"):
         agd(b, gs, direction="muon")
 
 
 def test_direction_is_per_group_checked_and_survives_state_dict():
-    with pytest.raises(UsageError, match=r"^AGD direction must be 'frobenius' or 'orthogonal', got 'svd'$"):
+    with pytest.raises(UsageError, match=r"^AGD direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', got 'svd'$"):
         AGD([torch.randn(3, 3, requires_grad=True)], direction="svd")
     with pytest.raises(UsageError, match="direction of param group 1"):
         AGD([{"params": [torch.randn(3, 3, requires_grad=True)]},
@@ -426,3 +426,62 @@ def test_the_orthogonal_step_compiles_fullgraph_and_matches_eager():
     for p, q in zip(eager_net.parameters(), comp_net.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert comp.steps.item() == 3 and comp.skipped_steps.item() == 1
+
+
+def unit_newton_schulz(x):
+    """The control's block move, written independently: Newton–Schulz's O(X) over its own
+    Frobenius norm (per matrix of a batch)."""
+    o = newton_schulz(x)
+    return o / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("case", ["linear+bias", "conv2d+bias", "attention packed", "hf conv1d"])
+def test_the_normalised_control_takes_the_orthogonal_direction_at_the_frobenius_size(case, foreach):
+    # direction="orthogonal-normalised": each matrix block moves along O(D(B)) / ||O(D(B))||_F
+    # (the literal reference with that orthogonaliser), so its Frobenius size is the paper's.
+    build, blocks_of = CASES[case]
+    torch.manual_seed(0)
+    model = build().double()
+    params = [p for _, p in model.named_parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    at = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    blocks = marked(model, blocks_of(model, at))
+    assert any(len(b) == 3 for b in blocks)  # the case has matrix blocks to normalise
+    expected, eta = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3, mults=[2.5] * len(params),
+                                              orthogonalise=unit_newton_schulz)
+    opt = AGD(model, lr=0.5, gain=5.0, depth=3, foreach=foreach, direction="orthogonal-normalised")
+    opt.step()
+    assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_agd_head_frobenius_keeps_the_output_head_on_the_papers_rule():
+    # build_optimizer(..., agd_head="frobenius"): the head (found by running the model) moves as
+    # under direction="frobenius", every other tensor as under "orthogonal"; eta and L as AGD(model).
+    from torch_agd.train.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    model = CharLM(256, dim=16, layers=2, heads=2, context=8).double()
+    x = torch.randint(0, 256, (4, 8))
+    grads = [torch.randn_like(p) for p in model.parameters()]
+    moved = {}
+    for label, kwargs in {"mixed": dict(direction="orthogonal", agd_head="frobenius", example=x[:1]),
+                          "frobenius": dict(direction="frobenius"), "orthogonal": dict(direction="orthogonal")}.items():
+        net = copy.deepcopy(model)
+        opt = build_optimizer("agd", net, agd_depth="auto", momentum=0.9, init=False, **kwargs)
+        for p, g in zip(net.parameters(), grads, strict=True):
+            p.grad = g.clone()
+        opt.step()
+        moved[label] = ({n: p.detach() for n, p in net.named_parameters()}, opt.eta.item(), opt.depth)
+    mixed, eta, depth = moved["mixed"]
+    assert (eta, depth) == moved["orthogonal"][1:] == moved["frobenius"][1:]
+    assert "head.weight" in mixed
+    for name, value in mixed.items():
+        want = moved["frobenius" if name == "head.weight" else "orthogonal"][0][name]
+        torch.testing.assert_close(value, want, rtol=1e-12, atol=1e-14, msg=name)
+    assert not torch.allclose(moved["frobenius"][0]["head.weight"], moved["orthogonal"][0]["head.weight"])
+    with pytest.raises(UsageError, match="needs one example input"):
+        build_optimizer("agd", copy.deepcopy(model), direction="orthogonal", agd_head="frobenius", init=False)

@@ -20,8 +20,9 @@ small networks, a few epochs or steps, sized for a 2-core CPU):
          and the paper's ResNet-18 under both counts of AGD's depth L;
 - libraries: AGD(model) on a timm model and a transformers causal LM built by name (timm:resnet18,
          hf:llama), at its defaults and with momentum, against AdamW over a few lrs, at equal steps;
-- muon:  Muon (--optimizer muon) tuned over its lr at both of torch's lr adjustments, on the five
-         models of the results tables, each at the budget of the grid its table comes from.
+- compare: every optimizer on each model of the results tables (AGD, the orthogonal-direction AGD,
+         AdamW and Muon tuned over their lrs, Prodigy, Schedule-Free, and the controls), model by
+         model, at the budget of the grid each model's table comes from.
 """
 
 from __future__ import annotations
@@ -251,15 +252,49 @@ def _libraries_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
     return specs
 
 
-# The muon grid: Muon's lr per --muon-adjust-lr, each range wide enough to hold the best lr inside
-# it with a value on either side: match_rms_adamw scales the update to AdamW's RMS (so the range is
-# centred on AdamW's lrs), original is Keller Jordan's scaling (default lr 0.02, so a decade around it).
+# The compare grid (issue 21's tables): on each model of the results tables, every optimizer at
+# equal steps: AGD at its defaults and with momentum 0.9, the orthogonal-direction AGD (the
+# learning-rate-free Muon), AdamW and Muon tuned over their lrs, Prodigy and Schedule-Free, and the
+# controls. The learning rates are tuned at seed 0 (every lr below); seeds 1 and 2 rerun the
+# methods (COMPARE_METHODS) and the lr each optimizer chose at seed 0 (COMPARE_TUNED), so every
+# method's row has 3 seeds. The controls run at seed 0 only: they explain a result, and the CPU
+# time of this machine goes to the rows a default is decided from.
+# The LM and the ViT first, as issue 21 asks; the torchvision ResNet-18 last (the costliest here:
+# Muon's Newton-Schulz on its 512 x 4608 filter banks adds about 0.8 s a step on this CPU).
+COMPARE_MODELS = ("charlm", "tv-vit", "fcn", "cnn", "tv-resnet18")
+_ORTH = ("--optimizer", "agd", "--agd-direction", "orthogonal")
+COMPARE_METHODS = {
+    "agd": ("--optimizer", "agd"),
+    "agd-m0.9": ("--optimizer", "agd", "--momentum", "0.9"),
+    "agd-orth": (*_ORTH, "--momentum", "0.9"),  # the prototype: orthogonal direction, Nesterov 0.9
+    "agd-orth-headfro": (*_ORTH, "--momentum", "0.9", "--agd-head", "frobenius"),  # the head on its rule
+    "prodigy": ("--optimizer", "prodigy"),
+    "schedulefree": ("--optimizer", "schedulefree"),
+}
+COMPARE_CONTROLS = {
+    "agd-orth-m0": _ORTH,  # the direction without momentum
+    # The orthogonal direction at the paper's Frobenius step size: the direction alone, not the step.
+    "agd-orth-normalised": ("--optimizer", "agd", "--agd-direction", "orthogonal-normalised", "--momentum", "0.9"),
+    # A larger step alone, the paper's direction: the gain its authors suggest to train faster.
+    "agd-m0.9-gain10": ("--optimizer", "agd", "--momentum", "0.9", "--gain", "10"),
+    # The schedule everyone can use (a linear decay to zero over the run), on the orthogonal AGD;
+    # the tuned optimizers get it too, at their tuned lr (compare_configs).
+    "agd-orth-linear": (*_ORTH, "--momentum", "0.9", "--schedule", "linear"),
+}
+# AdamW's lrs: the FCN and the CNN (bias-free, square loss) tuned lower than the others.
+COMPARE_ADAMW_LRS = {"fcn": (1e-4, 3e-4, 1e-3, 3e-3), "cnn": (1e-4, 3e-4, 1e-3, 3e-3)}
+# Muon's lr per --muon-adjust-lr, each range wide enough to hold the best lr inside it with a value
+# on either side: match_rms_adamw scales the update to AdamW's RMS (so the range is centred on
+# AdamW's lrs), original is Keller Jordan's scaling (default lr 0.02, so a decade around it).
 MUON_LRS = {"match_rms_adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "original": (3e-3, 1e-2, 3e-2, 1e-1)}
 MUON_ADJUST_TAGS = {"match_rms_adamw": "rms", "original": "orig"}
-# Each model's AdamW part (embeddings, head, biases, norms) runs at the model's tuned Adam(W) lr,
-# the best of its table at the small scale (docs/results.md): Adam's on the FCN and CNN (the
-# momentum grid; these bias-free nets give AdamW only their output layer), AdamW's on the others.
+# Each model's AdamW part of Muon (embeddings, head, biases, norms) runs at the model's tuned Adam(W)
+# lr of the earlier tables (docs/results.md, small scale): Adam's on the FCN and CNN (these
+# bias-free nets give AdamW only their output layer), AdamW's on the others.
 MUON_AUX_LRS = {"fcn": 3e-4, "cnn": 3e-3, "tv-resnet18": 1e-3, "tv-vit": 3e-3, "charlm": 3e-3}
+# The lr each tuned optimizer chose at seed 0 (the lowest validation loss or highest accuracy of
+# `agd sweep compare --seeds 1`), per model: the configuration name of the compare grid.
+COMPARE_TUNED: dict[str, tuple[str, ...]] = {}
 
 
 def _muon_configs(aux_lr: float) -> dict[str, tuple[str, ...]]:
@@ -268,35 +303,54 @@ def _muon_configs(aux_lr: float) -> dict[str, tuple[str, ...]]:
             for adjust, lrs in MUON_LRS.items() for lr in lrs}
 
 
-def _muon_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
-    """Per model, named ``<arch>-muon-<rms|orig>-lr<lr>``: Muon over MUON_LRS at each lr adjustment,
-    with the flags of the table the model is in: the FCN (the paper's 8 x 256) and the CNN at their
-    first momentum-grid setting (the square loss, epochs), the vision models and the LM at the
-    models grid's step budgets (cross-entropy)."""
+def _compare_models(s: Scale, dataset: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(--arch, flags) of each model, with the flags of the table it is in: the FCN (the paper's
+    8 x 256) and the CNN at their first momentum-grid setting (the square loss, epochs), the
+    vision models and the LM at the models grid's step budgets (cross-entropy)."""
     fcn_epochs = next(epochs for arch, epochs in s.momentum_settings if arch == "fcn")
     cnn_epochs = next(epochs for arch, epochs in s.momentum_settings if arch == "cnn")
     momentum = ("--dataset", dataset, "--train_bs", str(s.batch_size))
     arch, text, text_bs = LANGUAGE_MODEL
     test_bs = ("--test_bs", str(MODELS_TEST_BS))
-    models = [("fcn", ("--depth", str(PAPER_FCN[0]), "--width", str(PAPER_FCN[1]), *momentum, "--epochs", str(fcn_epochs))),
-              ("cnn", (*momentum, "--epochs", str(cnn_epochs)))]
-    models += [(model, ("--dataset", dataset, "--loss", "xent", "--train_bs", str(s.batch_size), *test_bs,
-                        "--steps", str(s.models_steps))) for model in VISION_MODELS]
-    models.append((arch, ("--dataset", text, "--loss", "xent", "--train_bs", str(text_bs), *test_bs,
-                          "--steps", str(s.lm_steps))))
+    flags = {"fcn": ("--depth", str(PAPER_FCN[0]), "--width", str(PAPER_FCN[1]), *momentum, "--epochs", str(fcn_epochs)),
+             "cnn": (*momentum, "--epochs", str(cnn_epochs)),
+             arch: ("--dataset", text, "--loss", "xent", "--train_bs", str(text_bs), *test_bs, "--steps", str(s.lm_steps))}
+    flags |= {model: ("--dataset", dataset, "--loss", "xent", "--train_bs", str(s.batch_size), *test_bs,
+                      "--steps", str(s.models_steps)) for model in VISION_MODELS}
+    return [(model, flags[model]) for model in COMPARE_MODELS]
+
+
+def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
+    """The compare grid's configurations of ``model`` at ``seed``: the methods; at seed 0 the
+    controls, every lr of AdamW and Muon, and the tuned ones under the linear schedule; at other
+    seeds the lr each chose at seed 0 (COMPARE_TUNED)."""
+    lrs = {f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}")
+           for lr in COMPARE_ADAMW_LRS.get(model, ADAMW_LRS)}
+    lrs |= _muon_configs(MUON_AUX_LRS[model])
+    tuned = {name: lrs[name] for name in COMPARE_TUNED.get(model, ())}
+    if seed > 0:
+        return {**COMPARE_METHODS, **tuned}
+    linear = {f"{name}-linear": (*flags, "--schedule", "linear") for name, flags in tuned.items()}
+    return {**COMPARE_METHODS, **COMPARE_CONTROLS, **lrs, **linear}
+
+
+def _compare_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
+    """Per model, named ``<arch>-<config>``: compare_configs at the model's table's flags."""
     return [_flag_spec(f"{model}-{name}", seed, "--arch", model, *base, *flags)
-            for model, base in models for name, flags in _muon_configs(MUON_AUX_LRS[model]).items()]
+            for model, base in _compare_models(s, dataset) for name, flags in compare_configs(model, seed).items()]
 
 
 GRIDS: dict[str, Callable[[Scale, str, int], list[RunSpec]]] = {
     "lr": _lr_grid, "shape": _shape_grid, "batch": _batch_grid, "batch-steps": _batch_steps_grid,
     "peers": _peers_grid, "momentum": _momentum_grid, "models": _models_grid, "libraries": _libraries_grid,
-    "muon": _muon_grid,
+    "compare": _compare_grid,
 }
-OWN_BUDGETS = ("momentum", "models", "libraries", "muon")  # grids whose runs carry their own epochs or steps
-# Grids that `agd sweep` runs but docs/results.md does not render yet (scripts/make_results.sh
-# leaves them out): muon's section, with tuned Muon beside tuned AdamW, is still to be written.
-NOT_ON_PAGE = ("muon",)
+OWN_BUDGETS = ("momentum", "models", "libraries", "compare")  # grids whose runs carry their own epochs or steps
+# Grids that `agd sweep` runs but docs/results.md does not render (scripts/make_results.sh leaves them out).
+NOT_ON_PAGE: tuple[str, ...] = ()
+# Grids run model by model rather than seed by seed: their first models matter most, and a model's
+# seeds 1 and 2 follow its seed 0 (whose tuned lrs they rerun).
+MODEL_MAJOR = ("compare",)
 
 
 def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | None = None,
@@ -318,4 +372,6 @@ def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | No
                              f"budgets (the scale's; see docs/experiments.md)")
         s = replace(s, epochs=epochs)
     specs = [spec for seed in range(seeds) for spec in GRIDS[name](s, dataset or s.dataset, seed)]
+    if name in MODEL_MAJOR:  # every seed of one model before the next model (a stable sort)
+        specs.sort(key=lambda spec: COMPARE_MODELS.index(spec.argv[spec.argv.index("--arch") + 1]))
     return [replace(spec, argv=spec.argv + tuple(extra)) for spec in specs]

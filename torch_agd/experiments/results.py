@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
-from torch_agd.experiments import results_models, results_momentum
+from torch_agd.experiments import results_compare, results_models, results_momentum
 from torch_agd.experiments.findings import (
     ACCURACY_HEADERS, Finding, Section, accuracy_cells, best_group, loss_text, pct, versus,
 )
@@ -29,7 +29,7 @@ from torch_agd.experiments.runs import (SWEEP_MANIFEST, Run, final_stat, find_ru
                                         read_manifest, stat)
 from torch_agd.train import rundir
 
-GRID_ORDER = ("lr", "shape", "batch", "batch-steps", "peers", "momentum", "models", "libraries")
+GRID_ORDER = ("lr", "shape", "batch", "batch-steps", "peers", "momentum", "models", "libraries", "compare")
 SUBSECTIONS = ("batch-steps",)  # rendered as a part (###) of the section before them
 
 # The paper's numbers (Bernstein et al. 2023, arXiv:2304.05187: figs. 2-4 and its CIFAR-10
@@ -173,11 +173,12 @@ def render_peers(runs: Sequence[Run]) -> Section:
 
 
 SHORT = {"lr": "Learning rate", "shape": "Shape", "batch": "Batch size", "batch-steps": "Batch size at equal steps",
-         "peers": "Peers", "momentum": "Momentum", "models": "Models", "libraries": "timm and transformers"}
+         "peers": "Peers", "momentum": "Momentum", "models": "Models", "libraries": "timm and transformers",
+         "compare": "Every optimizer"}
 RENDERERS: dict[str, Callable[[Sequence[Run]], Section]] = {
     "lr": render_lr, "shape": render_shape, "batch": render_batch, "batch-steps": render_batch_steps,
     "peers": render_peers, "momentum": results_momentum.render_momentum, "models": results_models.render_models,
-    "libraries": results_models.render_libraries,
+    "libraries": results_models.render_libraries, "compare": results_compare.render_compare,
 }
 TITLES = {
     "lr": "Learning rate: Adam and SGD over lr beside AGD (paper fig. 2)",
@@ -188,9 +189,11 @@ TITLES = {
     "momentum": "Momentum: AGD with momentum 0 and 0.9 against tuned Adam",
     "models": "AGD on models nobody here wrote, and the paper's ResNet-18 under both counts of L",
     "libraries": "AGD(model) on a timm model and a transformers causal LM, built by name",
+    "compare": "Every optimizer on each model: AGD, orthogonal AGD, tuned AdamW, tuned Muon, the peers",
 }
 # Grids with a figure of their own (runs, title) -> Figure; the others get plot.py's six panels.
-FIGURES = {"momentum": results_momentum.figure, "models": results_models.figure, "libraries": results_models.figure}
+FIGURES = {"momentum": results_momentum.figure, "models": results_models.figure, "libraries": results_models.figure,
+           "compare": results_compare.figure}
 
 
 def _setup(runs: Sequence[Run]) -> str:

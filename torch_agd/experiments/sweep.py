@@ -6,13 +6,14 @@ flight. Re-running a sweep skips runs that wrote summary.json, resumes (``--resu
 left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's flags, so a
 second sweep with other settings into the same directory is refused instead of silently mixed.
 
-The grids (lr, shape, batch, peers, batch-steps, momentum, models, libraries, muon) and their scales are defined
+The grids (lr, shape, batch, peers, batch-steps, momentum, models, libraries, compare) and their scales are defined
 in grids.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import subprocess
 import sys
@@ -168,8 +169,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per run (OMP_NUM_THREADS; default 1)")
+    parser.add_argument("--only", nargs="+", metavar="PATTERN", default=None,
+                        help="run only the grid's runs whose names match one of these shell patterns "
+                             "(e.g. 'charlm-*-s1'): to choose the order on a small machine; the rest stay listed")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                         help="print the runs and what would happen to each; run nothing")
+
+
+def only(specs: Sequence[RunSpec], patterns: Sequence[str]) -> list[RunSpec]:
+    """The specs whose run names match one of the shell ``patterns``, in the grid's order; a
+    pattern that matches no run is a one-line error (a typo would otherwise run nothing)."""
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(spec.name, pattern) for spec in specs):
+            raise UsageError(f"--only {pattern!r} matches none of the grid's {len(specs)} runs "
+                             f"(names like {specs[0].name}); see --dry-run")
+    return [spec for spec in specs if any(fnmatch.fnmatchcase(spec.name, p) for p in patterns)]
 
 
 def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
@@ -177,6 +191,8 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
         raise UsageError("--jobs and --threads must be at least 1")
     extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
     specs = grid_runs(args.name, args.scale, args.seeds, args.dataset, args.epochs, extra)
+    if args.only:
+        specs = only(specs, args.only)
     sweep_dir = Path(args.root) / args.name
     if args.dry_run:
         for spec in specs:

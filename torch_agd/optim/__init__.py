@@ -8,7 +8,7 @@
     init.py         init_weights_: orthogonal, scaled blocks (orthogonal.py draws them)
     foreach_plan.py the batched path's layout of block norms, worked out once per set of shapes
     cpu_kernels.py  CPU-only kernels of the batched path
-    sharding.py     FSDP2 DTensor parameters: local rows and one all-reduce
+    sharding.py     DTensor parameters (FSDP2, TP): what is held here, one all-reduce
     orthogonalize.py direction="orthogonal": each matrix block's direction by Newton–Schulz, ~ U Vᵀ
     reference.py    a literal per-block transcription of the paper, for tests and checks
 """

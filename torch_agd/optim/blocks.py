@@ -81,6 +81,12 @@ class Placement:
     r0: int            # first (flattened) row held here
     n: int             # rows held here
     contributes: bool  # False for a replica whose copy another process counts
+    held_inner: int | None = None  # entries of a row held here per kernel position, if not all
+                                   # (a tensor-parallel shard of an inner dim: partial sums)
+
+    @property
+    def inner(self) -> int:
+        return self.blocks.inner if self.held_inner is None else self.held_inner
 
 
 @dataclass(frozen=True)

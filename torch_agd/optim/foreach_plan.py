@@ -103,7 +103,7 @@ def build(entries: list[Placement], ws, gs, ds, acc: torch.dtype, main: torch.de
             start, length = e.base + e.r0, e.n
         else:
             start, length = e.base, (b.count if pattern == "grouped" else b.k)
-        t = TensorPlan(pattern, start, length, _factor_shape(tuple(w.shape), b, pattern), b.k, b.inner, b.in_every_kernel_position,
+        t = TensorPlan(pattern, start, length, _factor_shape(tuple(w.shape), b, pattern), b.k, e.inner, b.in_every_kernel_position,
                        e.contributes)
         if pattern == "grouped":
             t.row_ids = ((torch.arange(e.n) + e.r0) // b.rows_per_block).to(w.device)

@@ -50,8 +50,10 @@ class ParamStep:
     placement: Placement
     mult: float | Tensor
     mesh: object | None = None   # the device mesh of a sharded (DTensor) parameter
-    orthogonal: bool = False     # its matrix blocks move by O(D(B)) (orthogonalize.py), not D(B)/||D(B)||
+    orthogonal: str | None = None  # None: D(B)/||D(B)||; else its direction's name, whose matrix
+                                   # blocks move by O(D(B)) (orthogonalize.py)
     sharded_direction: Tensor | None = None  # a sharded parameter's whole direction (a DTensor)
+    held: tuple | None = None    # its global indices held here per dim, None for all (sharding.Held.index)
 
 
 def _eta(G: Tensor) -> Tensor:
@@ -96,7 +98,7 @@ def _block_sq(x: Tensor, e: Placement) -> Tensor:
     """Sums of squares of the blocks of e's range that x's rows (e.r0 ...) fall in, as (rows, k)."""
     b = e.blocks
     k_own = 1 if b.in_every_kernel_position else b.k
-    per_row = x.to(_acc(x.dtype)).reshape(e.n, b.inner, k_own).square().sum(1)
+    per_row = x.to(_acc(x.dtype)).reshape(e.n, e.inner, k_own).square().sum(1)
     row_block = (torch.arange(e.n, device=x.device) + e.r0) // b.rows_per_block
     sums = torch.zeros(b.row_blocks, k_own, dtype=per_row.dtype, device=x.device).index_add_(0, row_block, per_row)
     return sums.expand(-1, b.k)
@@ -110,7 +112,7 @@ def _block_factor(f: Tensor, x: Tensor, e: Placement) -> Tensor:
     if b.in_every_kernel_position:  # a conv's bias moves with all k blocks it joins
         per_row = per_row.sum(1, keepdim=True)
     k_own = per_row.shape[1]
-    return per_row.view(e.n, 1, k_own).expand(e.n, b.inner, k_own).reshape(x.shape)
+    return per_row.view(e.n, 1, k_own).expand(e.n, e.inner, k_own).reshape(x.shape)
 
 
 def _unit_norms(norms_d: Tensor, unit: Tensor | None) -> Tensor:
@@ -248,25 +250,27 @@ def _orthogonal_moves(steps: list[ParamStep], n_blocks: int) -> tuple[list[Tenso
 
 
 def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str, mult,
-                orthogonal: bool = False) -> list[ParamStep]:
+                orthogonal: str | None = None) -> list[ParamStep]:
     """``p``'s ParamSteps, one per piece of its blocks (blocks.Assigned): local shards of a
-    DTensor, and a third of a split in_proj_bias each. ``orthogonal``: its blocks are matrices
-    and its group's direction is "orthogonal"."""
+    DTensor, and a third of a split in_proj_bias each. ``orthogonal``: what its matrix blocks
+    move by (orthogonalize.orthogonal_kind), None for the Frobenius rule."""
     out = []
     for a in assigned:
         w_, g_, d_, r0, n, contributes, mesh = p, grad, direction, 0, a.blocks.rows, True, None
-        whole = None
+        whole = inner = index = None
         if sharding.is_sharded(p):
             whole = direction
-            w_, g_, r0, n, contributes, mesh = sharding.local(p, grad, name, a.blocks.row_dims)
+            w_, g_, held, mesh = sharding.local(p, grad, name, a.blocks.row_dims, a.blocks.kernel_dims)
+            r0, n, contributes, index = held.r0, held.n, held.contributes, held.index
+            inner = None if held.inner == a.blocks.inner else held.inner
             d_ = direction.to_local() if direction is not grad else g_
         if a.rows is not None:
             if w_ is not p:
                 raise UsageError(f"AGD cannot step the sharded {name}: an in_proj_bias of separate q, k, v "
                                  "weights must not be sharded")
             w_, g_, d_ = w_[a.rows], g_[a.rows], d_[a.rows]
-        out.append(ParamStep(w_, g_, d_, Placement(a.blocks, a.base, r0, n, contributes), mult, mesh, orthogonal,
-                             whole))
+        out.append(ParamStep(w_, g_, d_, Placement(a.blocks, a.base, r0, n, contributes, inner), mult, mesh,
+                             orthogonal, whole, index))
     return out
 
 
@@ -328,6 +332,8 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
     for i, (p, g, rule) in enumerate(zip(params, grads, rules, strict=True)):
         name = f"params[{i}]"
         rule.check(p, name)
+        if type(g) is not Tensor:  # a DTensor's gradient (TP) may be laid out unlike its parameter
+            g = sharding.laid_out_as(p, g)
         d = g
         if momentum:
             if momentum_buffers[i] is None:
@@ -336,7 +342,7 @@ def agd(params: Sequence[Tensor], grads: Sequence[Tensor], momentum_buffers: lis
             d = momentum_direction(g, momentum_buffers[i], momentum, nesterov)
         b = rule.blocks(p.shape)
         steps.extend(param_steps(p, g, d, [Assigned(b, base)], name, mult,
-                                 orthogonal=direction == "orthogonal" and rule.matrix))
+                                 orthogonal=orthogonalize.orthogonal_kind(direction, rule.matrix)))
         base += b.count
     eta, finite = step_blocks(steps, depth=depth, n_blocks=base, foreach=foreach is not False)
     if buffers:

@@ -51,7 +51,7 @@ def init_weights_(module_or_params, generator: torch.Generator | None = None):
     for name, p, rule in named:
         blocks = structure[id(p)][0].blocks
         if is_sharded(p):  # an FSDP2 shard: its rows of the same draw (docs/distributed.md, "meta device")
-            local, r0 = rows_held(p, name, blocks.row_dims)
+            local, r0 = rows_held(p, name, blocks.row_dims, blocks.kernel_dims)
             rule.init_rows_(local, tuple(p.shape), r0, blocks, name, generator)
         else:
             rule.init_(p, blocks, name, generator)

@@ -18,8 +18,9 @@ from torch.optim import Optimizer
 
 from ..errors import UsageError
 from .blocks import assign_blocks
+from . import sharding
 from .depth import infer_depth
-from .orthogonalize import check_direction
+from .orthogonalize import check_direction, orthogonal_kind
 from .functional import ParamStep, clear_if_skipped, momentum_direction, param_steps, step_blocks
 from .rules import default_kind, group_rule, module_param_groups, rule_for
 
@@ -94,6 +95,8 @@ class AGD(Optimizer):
             moves along O(D(B)) ~ U Vᵀ by Newton–Schulz, spending its whole spectral-norm budget
             (eta / L) * s(B); embeddings, norms, raw parameters keep the Frobenius rule, and G
             and eta are computed as before. A joined bias moves with its layer's direction.
+            "orthogonal-normalised" is a control for measurements: O(D(B)) / ||O(D(B))||_F, the
+            orthogonal direction at the paper's Frobenius step size.
 
     After a step, ``eta`` is the 0-d tensor eta (before lr and gain) that the step used (0 for a
     step skipped because G was not finite), ``skipped_steps`` counts those skips and ``steps``
@@ -245,7 +248,7 @@ class AGD(Optimizer):
         if group["maximize"]:
             mult = -mult
         beta = group["momentum"]
-        orthogonal = group["direction"] == "orthogonal" and group_rule(group).matrix
+        orthogonal = orthogonal_kind(group["direction"], group_rule(group).matrix)
         steps, buffers = [], []
         for i, p in enumerate(group["params"]):
             g = p.grad
@@ -254,6 +257,8 @@ class AGD(Optimizer):
             name = self._name(group, i, gi)
             if g.is_sparse:
                 raise UsageError(f"AGD cannot use the sparse gradient of {name}: build the layer with sparse=False")
+            if type(g) is not Tensor:  # a DTensor's gradient (TP) may be laid out unlike its parameter
+                g = sharding.laid_out_as(p, g)
             d = g
             if beta:
                 state = self.state[p]

@@ -20,13 +20,23 @@ from torch import Tensor
 from ..errors import UsageError
 from .blocks import Blocks
 
-DIRECTIONS = ("frobenius", "orthogonal")
+# "orthogonal-normalised" is a control for measuring the orthogonal direction, not a method:
+# O(D(B)) / ||O(D(B))||_F, the orthogonal direction at the paper's Frobenius step size (so a block
+# moves by (eta / L) * s(B) in Frobenius norm, as under "frobenius", rather than by up to
+# sqrt(rank) times that). It tells the direction's effect apart from the larger step's.
+DIRECTIONS = ("frobenius", "orthogonal", "orthogonal-normalised")
 
 
 def check_direction(direction, where: str = "") -> None:
     """A one-line UsageError unless ``direction`` names one of DIRECTIONS."""
     if not (isinstance(direction, str) and direction in DIRECTIONS):
-        raise UsageError(f"AGD direction{where} must be 'frobenius' or 'orthogonal', got {direction!r}")
+        raise UsageError(f"AGD direction{where} must be one of {', '.join(map(repr, DIRECTIONS))}, got {direction!r}")
+
+
+def orthogonal_kind(direction: str, matrix: bool) -> str | None:
+    """What a tensor's blocks move by (ParamStep.orthogonal): None for the Frobenius rule (its
+    group's direction, or a kind whose blocks are not matrices), else the orthogonal direction."""
+    return direction if matrix and direction != "frobenius" else None
 
 
 # The quintic X <- a X + b (X Xᵀ) X + c (X Xᵀ)² X of Jordan et al.'s Muon: chosen so that five
@@ -140,6 +150,8 @@ def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, 
         o = orthogonalise(torch.cat(flat) if len(flat) > 1 else flat[0])
         for (i, j, m, d, bias), part in zip(members, o.split([len(f) for f in flat]), strict=True):
             s = steps[i]
+            if s.orthogonal == "orthogonal-normalised":  # the control: unit Frobenius norm per block
+                part = part / torch.linalg.vector_norm(part, dim=(-2, -1), keepdim=True).clamp_min(_NORM_FLOOR)
             w, u = split(part.view(m.shape), s.placement.blocks, d, bias)
             updates[i] = _local(w, s)
             if j is not None:
@@ -154,11 +166,14 @@ def _whole(s) -> Tensor:
 
 
 def _local(update: Tensor, s) -> Tensor:
-    """The rows of a whole update that the step's process holds (all of them unless sharded),
-    laid out like its local direction."""
+    """The entries of a whole update that the step's process holds (all of them unless sharded:
+    rows, columns or both), laid out like its local direction."""
     if s.sharded_direction is None:
         return update
-    e = s.placement
+    held = update.reshape(s.sharded_direction.shape)
+    for dim, index in enumerate(s.held):
+        if index is not None:
+            held = held.index_select(dim, index.to(held.device))
     out = torch.empty_like(s.direction)
-    out.copy_(update.reshape(e.blocks.rows, -1)[e.r0:e.r0 + e.n].reshape(s.direction.shape))
+    out.copy_(held.reshape(s.direction.shape))
     return out

@@ -26,7 +26,7 @@ from torch_agd.train import rundir
 from torch_agd.train.fsdp import SHARDABLE
 from torch_agd.train.loop import LOSSES
 from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR
-from torch_agd.train.optimizers import AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
+from torch_agd.train.optimizers import AGD_HEADS, AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
 from torch_agd.train.schedule import SCHEDULES
 
 MOMENTUM_FORMS = ("nesterov", "heavy-ball")  # --momentum-form; TrainConfig.nesterov means the first
@@ -60,6 +60,8 @@ FLAGS: dict[str, tuple] = {
     "momentum_form": (str, "nesterov", "how AGD uses its momentum: nesterov or heavy-ball"),
     "agd_direction": (str, "frobenius", "how AGD moves each matrix block: frobenius (the paper's g / ||g||_F) or "
                                         "orthogonal (g's orthogonalisation, U V^T by Newton-Schulz; docs/rules.md)"),
+    "agd_head": (str, "same", "under --agd-direction orthogonal: same (the output head moves like every matrix) or "
+                              "frobenius (the head keeps the paper's rule, as Muon leaves the head to AdamW)"),
     "train_bs": (int, 128, "global training batch size, split over processes"),
     "test_bs": (int, 128, "global evaluation batch size"),
     "epochs": (int, 200, "epochs to train"),
@@ -75,16 +77,18 @@ FLAGS: dict[str, tuple] = {
     "cpu": (bool, False, "train on the CPU even if a GPU is available"),
     "distribute": (bool, False, "one process per device under torchrun (implied by torchrun)"),
     "fsdp": (bool, False, "shard weights, gradients and optimizer state over the processes (FSDP2) instead of DDP"),
+    "tp": (int, 1, "tensor parallelism: split each transformer layer over N processes (Megatron's column/row "
+                   "pairs; charlm and hf: models), FSDP2 over the world / N data-parallel groups; needs --fsdp"),
     "data_dir": (str, None, "where datasets live or are downloaded to (default $AGD_DATA, else ~/.cache/torch-agd)"),
     "workers": (int, 4, "data-loading processes (imagenet only)"),
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
 CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
-           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
+           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "agd_head": AGD_HEADS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
-MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
+MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out", "tp")  # tp: DCP reshards
 TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
 
 
@@ -135,6 +139,7 @@ class TrainConfig:
     momentum: float
     nesterov: bool
     agd_direction: str
+    agd_head: str
     train_bs: int
     test_bs: int
     epochs: int
@@ -150,6 +155,7 @@ class TrainConfig:
     data_dir: str | None
     workers: int
     out: str | None
+    tp: int = 1
 
     @classmethod
     def from_flags(cls, values: dict) -> "TrainConfig":
@@ -186,7 +192,7 @@ def _check_new(values: dict, given: dict) -> None:
     for flag in ("gain", "agd_depth", "momentum"):
         if flag in given and values["optimizer"] not in AGD_OPTIMIZERS:
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd; {values['optimizer']} takes --lr")
-    for flag in ("momentum", "momentum_form", "agd_direction"):
+    for flag in ("momentum", "momentum_form", "agd_direction", "agd_head"):
         if flag in given and values["optimizer"] != "agd":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
     for flag in ("aux_lr", "muon_adjust_lr"):

@@ -86,6 +86,7 @@ def _peer(name: str, module: str, cls: str, default_lr: float) -> Builder:
 PEERS: dict[str, Builder] = {name: _peer(name, *spec) for name, spec in PEER_CLASSES.items()}
 # The optimizers that step with AGD, which take --gain and --agd-depth instead of --lr.
 AGD_OPTIMIZERS = ("agd", "agd+adamw")
+AGD_HEADS = ("same", "frobenius")  # --agd-head: under an orthogonal direction, how the output head moves
 OPTIMIZERS = ("agd", "adam", "sgd", "adamw", "agd+adamw", "muon", *PEERS)
 
 
@@ -256,13 +257,39 @@ def init_weights(name: str, model: nn.Module) -> None:
         init_weights_(model)
 
 
+def needs_example(name: str, agd_head: str = "same") -> bool:
+    """Whether build_optimizer needs an example input (to find the output head)."""
+    return name == "muon" or (name == "agd" and agd_head == "frobenius")
+
+
+def _agd_head_on_frobenius(model: nn.Module, example: torch.Tensor, depth, **kwargs) -> Optimizer:
+    """AGD over ``model`` whose output head (the last linear map to run: muon.output_head) keeps
+    the paper's Frobenius rule while its group's other matrices take ``kwargs["direction"]``:
+    the head in a param group of its own, with ``direction="frobenius"``. L is the model's, as
+    AGD(model) counts it (param groups alone do not know the residual path)."""
+    from torch_agd import AGD
+    from torch_agd.optim.rules import module_param_groups
+    from torch_agd.train.muon import output_head
+
+    head = {id(p) for p in model.get_submodule(output_head(model, example)).parameters(recurse=False)}
+    groups = []
+    for group in module_param_groups(model):
+        rest = [(n, p) for n, p in group["params"] if id(p) not in head]
+        mine = [(n, p) for n, p in group["params"] if id(p) in head]
+        groups += [{**group, "params": rest}] if rest else []
+        groups += [{**group, "params": mine, "direction": "frobenius"}] if mine else []
+    return AGD(groups, depth=AGD(model, depth=depth).depth, **kwargs)
+
+
 def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gain: float = 1.0,
                     agd_depth: str | int | None = "weights", momentum: float = 0.0,
-                    nesterov: bool = True, direction: str = "frobenius", init: bool = True, aux_lr: float | None = None,
+                    nesterov: bool = True, direction: str = "frobenius", agd_head: str = "same", init: bool = True,
+                    aux_lr: float | None = None,
                     muon_adjust_lr: str | None = None, example: torch.Tensor | None = None) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means default_lr(name).
     ``agd_depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``nesterov``
-    (False: heavy ball) and ``direction`` ("frobenius" or "orthogonal") apply to AGD. ``aux_lr`` (AdamW's lr, default 1e-3), ``muon_adjust_lr``
+    (False: heavy ball), ``direction`` (orthogonalize.DIRECTIONS) and ``agd_head`` (AGD_HEADS: "frobenius" keeps
+    the output head on the paper's rule, found from ``example``) apply to AGD. ``aux_lr`` (AdamW's lr, default 1e-3), ``muon_adjust_lr``
     ("original", the default, or "match_rms_adamw") and ``example`` (one model input, which finds
     the output head: muon.example_input) apply to Muon (MuonWithAdamW), which needs ``example``.
 
@@ -288,8 +315,12 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
     if name == "agd":
         from torch_agd import AGD
 
-        return AGD(model, gain=gain, depth=parse_agd_depth(agd_depth), momentum=momentum, nesterov=nesterov,
-                   direction=direction)
+        kwargs = dict(gain=gain, momentum=momentum, nesterov=nesterov, direction=direction)
+        if agd_head == "frobenius":
+            if example is None:
+                raise UsageError("agd_head='frobenius' needs one example input to find the model's output head")
+            return _agd_head_on_frobenius(model, example, parse_agd_depth(agd_depth), **kwargs)
+        return AGD(model, depth=parse_agd_depth(agd_depth), **kwargs)
     if name in PEERS:
         return build_peer(name, model.parameters(), lr=lr)
     check_lr(name, lr)

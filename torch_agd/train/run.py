@@ -26,13 +26,13 @@ from torch_agd.data import DATASETS, default_data_dir, load_data
 from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, build_model
 from torch_agd.train import checkpoint as ckpt
-from torch_agd.train import fsdp, meta, rundir
+from torch_agd.train import fsdp, meta, rundir, tp
 from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, check_split, default_out,
                                     resolve_config)
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
 from torch_agd.train.muon import example_input
-from torch_agd.train.optimizers import agd_of, build_optimizer, init_weights
+from torch_agd.train.optimizers import agd_of, build_optimizer, init_weights, needs_example
 from torch_agd.train.schedule import build_scheduler
 
 __all__ = ["add_arguments", "run"]  # what the CLI's `train` subcommand calls
@@ -183,7 +183,8 @@ def run(args: argparse.Namespace) -> int:
     rank, world_size = launch_position()
     try:
         config, resuming = resolve_config(args)
-        check_split(config, world_size)
+        tp.check(config, world_size)
+        check_split(config, world_size // config.tp)  # the tp ranks of a dp group share its batches
         check_fsdp(config)
     except UsageError:
         if rank != 0 and not args.resume:
@@ -229,7 +230,8 @@ def _with_places(config: TrainConfig, env: DistEnv) -> TrainConfig:
 def _build(config: TrainConfig, env: DistEnv):
     """The model, on env.device (sharded under --fsdp), and its optimizer."""
     info = DATASETS[config.dataset]
-    model = _sharded_from_meta(config, info, env) if config.fsdp and config.optimizer == "agd" else None
+    sharded_from_meta = config.fsdp and config.tp <= 1 and config.optimizer == "agd"
+    model = _sharded_from_meta(config, info, env) if sharded_from_meta else None
     if model is None:
         # The weights are drawn on the CPU from the seed, whole, so a run starts from the same weights
         # on any device, on every rank and with or without --fsdp.
@@ -237,13 +239,15 @@ def _build(config: TrainConfig, env: DistEnv):
         model = build_model(config.arch, info, depth=config.depth, width=config.width)
         init_weights(config.optimizer, model)
         model.to(env.device)
-        if config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
+        if config.tp > 1:  # TP, then FSDP2 over dp (train/tp.py)
+            tp.shard_model(model, env, config.tp, config.arch)
+        elif config.fsdp:  # replaces the parameters: the optimizer is built after, on the shards
             fsdp.shard_model(model, env)
     optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
                                 momentum=config.momentum, nesterov=config.nesterov, direction=config.agd_direction,
-                                init=False, aux_lr=config.aux_lr,
+                                agd_head=config.agd_head, init=False, aux_lr=config.aux_lr,
                                 muon_adjust_lr=config.muon_adjust_lr,
-                                example=example_input(info) if config.optimizer == "muon" else None)
+                                example=example_input(info) if needs_example(config.optimizer, config.agd_head) else None)
     return model, optimizer
 
 
@@ -275,6 +279,7 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
         _check_new_run_dir(out)
     model, optimizer = _build(config, env)
     agd = agd_of(optimizer)
+    denv = tp.data_env(model, env, config.tp)  # whose slice of the data, and whose sums: dp's under --tp
 
     # One process per machine downloads (the data dir may be local to each node); the others
     # then find the files in place.
@@ -286,10 +291,10 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
     if env.is_master:
         print(f"data: {data.source}", flush=True)
 
-    data.train.check_batch_size(config.train_bs, rank=env.rank, world_size=env.world_size,
+    data.train.check_batch_size(config.train_bs, rank=denv.rank, world_size=denv.world_size,
                                 name="--train_bs")  # before the run directory is written
     # A step budget is whole epochs and the first steps of one more.
-    per_epoch = data.train.num_batches(config.train_bs, world_size=env.world_size)
+    per_epoch = data.train.num_batches(config.train_bs, world_size=denv.world_size)
     epochs = config.epochs if config.steps is None else -(-config.steps // per_epoch)
     # Before the optimizer's state is loaded: the scheduler sets every lr when it is built.
     scheduler = build_scheduler(optimizer, config.schedule, config.steps or epochs * per_epoch, config.warmup)
@@ -344,21 +349,21 @@ def _train(config: TrainConfig, resuming: bool, env: DistEnv) -> int:
             t0 = time.perf_counter()
             _switch(optimizer, "train")
             batches = data.train.batches(config.train_bs, epoch=epoch, seed=config.seed,
-                                         rank=env.rank, world_size=env.world_size)
+                                         rank=denv.rank, world_size=denv.world_size)
             n = per_epoch if config.steps is None else min(per_epoch, config.steps - epoch * per_epoch)
             stats = train_epoch(train_model, optimizer,
                                 reporter.batches(itertools.islice(batches, n), n, epoch + 1),
                                 loss_fn=loss_fn, device=env.device, amp=config.amp, scheduler=scheduler)
-            train = _sync_train(stats, agd, env)
+            train = _sync_train(stats, agd, denv)
             t1 = time.perf_counter()
 
             _switch(optimizer, "eval")
             env.broadcast_(model.buffers())  # every rank evaluates rank 0's BatchNorm statistics
-            test_batches = data.test.batches(config.test_bs, rank=env.rank, world_size=env.world_size)
+            test_batches = data.test.batches(config.test_bs, rank=denv.rank, world_size=denv.world_size)
             if config.fsdp:  # a sharded forward is a collective: as many on every rank
-                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config.test_bs, env)
+                test_batches = fsdp.in_lockstep(test_batches, model, data.test, config.test_bs, denv)
             test = evaluate(eval_model, test_batches, loss_fn=loss_fn, device=env.device, amp=config.amp)
-            test = env.all_reduce_sum(test).tolist()
+            test = denv.all_reduce_sum(test).tolist()
             row = _metrics_row(epoch + 1, train, test, skipped_before, time.perf_counter() - t0, t1 - t0)
             skipped_before += row["skipped_steps"] or 0
             history.append(row)

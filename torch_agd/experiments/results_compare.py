@@ -1,0 +1,216 @@
+"""The compare section of the results pages, from ROOT/compare (``agd sweep compare``).
+
+Per model: one table of every method at equal steps, each at 3 seeds (AGD at its defaults and
+with momentum 0.9, the orthogonal-direction AGD with the output head on either rule, Prodigy,
+Schedule-Free, tuned AdamW and tuned Muon), then the controls (one seed), then the learning-rate
+grids that tuned AdamW and tuned Muon were picked from (seed 0). Tuned means the best mean at
+seed 0 (the lowest validation loss on text, the highest test accuracy on images); "tuned Muon" is
+the best over both of torch's lr adjustments, and each adjustment's best is named too. A best lr
+at the edge of its grid is flagged: the grid should be widened before the row is trusted.
+
+The findings state issue 21's target for AGD at its shipped defaults (at or above tuned AdamW,
+tuned Muon and every learning-rate-free peer on every model), and the same comparisons for the
+orthogonal-direction AGD, the candidate default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from torch_agd.data import TEXT
+from torch_agd.experiments.grids import COMPARE_MODELS
+from torch_agd.experiments.findings import ACCURACY, VALIDATION_LOSS, Finding, Metric, Section, compare, pct
+from torch_agd.experiments.plot_panels import Panel, bars_figure
+from torch_agd.experiments.runs import Run, final_stat, group_runs, markdown_table
+
+# The rows of each model's table, in order: config name -> what it is.
+METHODS = {
+    "agd": "AGD, its defaults (the paper's rule: momentum 0, Frobenius direction)",
+    "agd-m0.9": "AGD, Nesterov momentum 0.9",
+    "agd-orth": "orthogonal AGD (learning-rate-free Muon): momentum 0.9, every matrix O(D)",
+    "agd-orth-headfro": "orthogonal AGD, the output head on the paper's rule",
+    "prodigy": "Prodigy (its defaults)",
+    "schedulefree": "Schedule-Free AdamW (its defaults)",
+}
+CONTROLS = {
+    "agd-orth-m0": "orthogonal AGD without momentum",
+    "agd-orth-normalised": "control: O(D) at the paper's Frobenius size, momentum 0.9",
+    "agd-m0.9-gain10": "control: the paper's direction at gain 10, momentum 0.9",
+    "agd-orth-linear": "orthogonal AGD, linear decay of the lr multiplier to 0",
+}
+# The candidates for the shipped default, each compared with every tuned optimizer and peer.
+CANDIDATES = (("agd", "AGD at its defaults"), ("agd-orth", "orthogonal AGD"),
+              ("agd-orth-headfro", "orthogonal AGD (head on the paper's rule)"))
+
+
+@dataclass
+class Model:
+    """One model's runs by configuration, its metric and its tuned picks (config names)."""
+
+    arch: str
+    title: str
+    metric: Metric
+    groups: dict[str, list[Run]]
+    adamw: str | None
+    muon: str | None
+    muon_by_adjust: dict[str, str]
+
+    def seed0(self, name: str) -> float:
+        runs = [r for r in self.groups.get(name, []) if r.param("seed") == 0]
+        return final_stat(runs, self.metric.key).mean if runs else float("nan")
+
+    def best(self, names: Sequence[str]) -> str | None:
+        scored = [(self.seed0(n), n) for n in names if self.seed0(n) == self.seed0(n)]  # drop NaN
+        if not scored:
+            return None
+        return (min if self.metric.lower_is_better else max)(scored)[1]
+
+
+def _label(group: str, arch: str) -> str:
+    return group.removeprefix(f"{arch}-")
+
+
+def _tunable(groups: dict[str, list[Run]], optimizer: str) -> list[str]:
+    """The lr grid of ``optimizer`` (its runs at a constant lr multiplier), by lr."""
+    names = [n for n, m in groups.items() if m[0].param("optimizer") == optimizer and m[0].param("schedule") == "none"]
+    return sorted(names, key=lambda n: (str(groups[n][0].param("muon_adjust_lr")), float(groups[n][0].param("lr"))))
+
+
+def models(runs: Sequence[Run]) -> list[Model]:
+    by_arch: dict[str, list[Run]] = {}
+    for run in runs:
+        by_arch.setdefault(str(run.param("arch")), []).append(run)
+    found = []
+    order = sorted(by_arch, key=lambda a: (a not in COMPARE_MODELS, COMPARE_MODELS.index(a) if a in COMPARE_MODELS else 0, a))
+    for arch in order:
+        members = by_arch[arch]
+        first = members[0]
+        text = first.param("dataset") in TEXT
+        metric = VALIDATION_LOSS if text else ACCURACY
+        budget = f"{first.param('steps')} steps" if first.param("steps") else f"{first.param('epochs')} epochs"
+        what = "validation loss in nats per byte, lower is better" if text else f"{first.param('loss')} loss"
+        groups = {_label(g, arch): m for g, m in group_runs(members).items()}
+        model = Model(arch, f"{arch} on {first.param('dataset')}, {budget} at batch {first.param('train_bs')} ({what})",
+                      metric, groups, None, None, {})
+        model.adamw = model.best(_tunable(groups, "adamw"))
+        muon = _tunable(groups, "muon")
+        model.muon = model.best(muon)
+        for adjust in dict.fromkeys(str(groups[n][0].param("muon_adjust_lr")) for n in muon):
+            model.muon_by_adjust[adjust] = model.best([n for n in muon if groups[n][0].param("muon_adjust_lr") == adjust])
+        found.append(model)
+    return found
+
+
+def _value(model: Model, members: Sequence[Run]) -> tuple[str, str]:
+    s = final_stat(members, model.metric.key)
+    if model.metric.lower_is_better:
+        return s.fmt(1, 4), s.fmt_range(1, 4)
+    return pct(s), s.fmt_range(100)
+
+
+def _lr_of(model: Model, name: str) -> str:
+    run = model.groups[name][0]
+    adjust = run.param("muon_adjust_lr")
+    return f"lr {run.param('lr'):g}" + (f", {adjust}" if adjust else "")
+
+
+def _rows(model: Model) -> list[list[str]]:
+    rows = []
+    tuned = {model.adamw: "tuned AdamW", model.muon: "tuned Muon"}
+    for name, what in [*METHODS.items(), *((n, tuned[n]) for n in (model.adamw, model.muon) if n)]:
+        if name in model.groups:
+            what = f"{what} ({_lr_of(model, name)})" if name in tuned else what
+            rows.append([name, what, str(len(model.groups[name])), *_value(model, model.groups[name])])
+    linear = {f"{n}-linear": f"{tuned[n]}, linear decay to 0" for n in (model.adamw, model.muon) if n}
+    for name, what in [*CONTROLS.items(), *linear.items()]:
+        if name in model.groups:
+            rows.append([name, what, str(len(model.groups[name])), *_value(model, model.groups[name])])
+    return rows
+
+
+def _grid_line(model: Model, names: Sequence[str], label: str, best: str | None) -> str:
+    cells = [f"{model.groups[n][0].param('lr'):g}: {_value(model, [r for r in model.groups[n] if r.param('seed') == 0])[0]}"
+             for n in names]
+    edge = best is not None and best in (names[0], names[-1])
+    flag = " **The best lr is at the edge of the grid: widen it.**" if edge else ""
+    return f"- {label} at seed 0, by lr: {'; '.join(cells)}.{flag}"
+
+
+def _findings(model: Model) -> list[Finding]:
+    found = []
+    others = [(model.adamw, "tuned AdamW"), (model.muon, "tuned Muon"), ("prodigy", "Prodigy"),
+              ("schedulefree", "Schedule-Free")]
+    for config, name in CANDIDATES:
+        if config not in model.groups:
+            continue
+        for other, other_name in others:
+            if other in model.groups:
+                lr = f" ({_lr_of(model, other)})" if other in (model.adamw, model.muon) else ""
+                found.append(compare(model.groups[config], model.groups[other], name, other_name + lr,
+                                     metric=model.metric))
+    pairs = [("agd-orth", "agd-m0.9", "orthogonal AGD", "AGD with momentum 0.9 (the paper's direction)"),
+             ("agd-orth-headfro", "agd-orth", "orthogonal AGD with the head on the paper's rule", "with every matrix O(D)"),
+             ("agd-orth-normalised", "agd-orth", "the control O(D) at the Frobenius size", "orthogonal AGD"),
+             ("agd-m0.9-gain10", "agd-m0.9", "the control gain 10", "gain 1 (AGD with momentum 0.9)"),
+             ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "without")]
+    for a, b, a_name, b_name in pairs:
+        if a in model.groups and b in model.groups:
+            found.append(compare(model.groups[a], model.groups[b], a_name, b_name, metric=model.metric, worse=False))
+    return [Finding(f.lead, f.worse, f.tail, topic=model.arch) for f in found]
+
+
+def _target(model: Model) -> str:
+    """Issue 21's target for AGD at its shipped defaults on this model: met or missed, plainly."""
+    agd = model.groups.get("agd")
+    others = [n for n in (model.adamw, model.muon, "prodigy", "schedulefree") if n in model.groups]
+    if agd is None or not others:
+        return "Target (AGD at its shipped defaults at or above every other row): cannot be checked yet."
+    a = final_stat(agd, model.metric.key)
+    behind = [n for n in others if model.metric.gap(a, final_stat(model.groups[n], model.metric.key)) > 0]
+    if not behind:
+        return "Target (AGD at its shipped defaults at or above tuned AdamW, tuned Muon and every peer): **met**."
+    return (f"Target (AGD at its shipped defaults at or above tuned AdamW, tuned Muon and every peer): **missed**: "
+            f"behind {', '.join(behind)}.")
+
+
+INTRO = ("Every optimizer at equal steps on each model (issue 21). Learning rates are tuned at seed 0: AdamW "
+         "(weight decay 0.01) over four lrs, Muon (`--optimizer muon`: torch.optim.Muon on the hidden matrices, conv "
+         "filters flattened to (out, in·k·k), AdamW at the model's earlier tuned lr on the rest) over five lrs at "
+         "`match_rms_adamw` and four at torch's default (`original`); \"tuned Muon\" is the best of both. Seeds 1 "
+         "and 2 rerun each method and each tuned lr, so the method rows have 3 seeds; the controls have one. "
+         "`agd-orth` is AGD with `--agd-direction orthogonal --momentum 0.9` (docs/rules.md, \"The orthogonal "
+         "direction\"); `agd-orth-headfro` adds `--agd-head frobenius`. The models are run in the order of "
+         "`grids.COMPARE_MODELS`; a model with no runs yet is not shown.")
+
+
+def render_compare(runs: Sequence[Run]) -> Section:
+    section = Section([INTRO, ""])
+    for model in models(runs):
+        metric = "validation loss" if model.metric.lower_is_better else "test acc %"
+        section.lines += [f"### {model.title}", "",
+                          markdown_table(["configuration", "what", "seeds", metric, f"{metric} (min–max)"], _rows(model)),
+                          ""]
+        adamw = _tunable(model.groups, "adamw")
+        if adamw:
+            section.lines.append(_grid_line(model, adamw, "AdamW", model.adamw))
+        for adjust, best in model.muon_by_adjust.items():
+            names = [n for n in _tunable(model.groups, "muon") if model.groups[n][0].param("muon_adjust_lr") == adjust]
+            section.lines.append(_grid_line(model, names, f"Muon ({adjust})", best))
+        section.lines += ["", _target(model), ""]
+        section.lines += [f"- {section.state(finding)}." for finding in _findings(model)]
+        section.lines.append("")
+    section.lines.pop()
+    return section
+
+
+def figure(runs: Sequence[Run], title: str):
+    """The final metric of every method and control, one panel per model (tuning runs left out)."""
+    panels = []
+    for m in models(runs):
+        keep = [*METHODS, m.adamw, m.muon, *CONTROLS]
+        groups = {n: m.groups[n] for n in keep if n in m.groups}
+        panels.append(Panel(m.arch, groups, m.metric.key,
+                            "validation loss (nats per byte)" if m.metric.lower_is_better else "test accuracy (%)",
+                            percent=not m.metric.lower_is_better))
+    return bars_figure(panels, title)
