@@ -179,3 +179,18 @@ def test_the_trainer_builds_whole_what_meta_cannot(arch, one_rank, capsys):
     assert run._sharded_from_meta(config, DATASETS["cifar10"], one_rank) is None
     out = capsys.readouterr().out
     assert out.startswith(f"--fsdp: building {arch} whole on every rank") and out.count("\n") == 1
+
+
+@needs_gloo
+def test_a_parameter_split_on_an_inner_dim_is_refused_in_one_line(one_rank):
+    # init_weights_ writes whole rows: a RowwiseParallel weight (Shard(1)) is initialised before
+    # parallelize_module, not after
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from torch_agd.errors import UsageError
+
+    mesh = init_device_mesh("cpu", (1,))
+    weight = torch.nn.Parameter(distribute_tensor(torch.zeros(4, 3), mesh, [Shard(1)]))
+    with pytest.raises(UsageError, match=r"params\[0\] is placed as \(Shard\(dim=1\),\), which splits it on an inner dim"):
+        init_weights_([weight])
