@@ -85,6 +85,10 @@ CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIM
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
 MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out")
+# config.json's "config_format", for values whose meaning changed: 2 since agd+adamw honours
+# --agd-depth (format 1, a config.json without the key, had it count one layer per matrix
+# whatever agd_depth said).
+CONFIG_FORMAT = 2
 TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
 
 
@@ -199,6 +203,13 @@ def _check_new(values: dict, given: dict) -> None:
         raise UsageError("--dataset text needs --data-dir FILE (a UTF-8 text file) or a directory of text files")
 
 
+def _migrate(saved: dict, values: dict) -> None:
+    """Give ``values`` (read from an older config.json, ``saved``) the meaning they had when that
+    run started, so that it resumes as it ran."""
+    if saved.get("config_format", 1) < 2 and values["optimizer"] == "agd+adamw":
+        values["agd_depth"] = "weights"  # what agd+adamw used, whatever agd_depth recorded
+
+
 def _resume(given: dict) -> TrainConfig:
     """The run in --out DIR as its config.json records it, with the flags that may change."""
     if "out" not in given:
@@ -209,6 +220,7 @@ def _resume(given: dict) -> TrainConfig:
     saved = json.loads(path.read_text())
     # A run saved before a flag existed ran as that flag's default does.
     values = {k: saved.get(k, SAVED_BEFORE.get(k, FLAGS[k][1])) for k in FLAGS}
+    _migrate(saved, values)
     differ = [f"{_flag(k)} {v} (the run has {values[k]})" for k, v in given.items()
               if k not in MAY_CHANGE_ON_RESUME and values[k] != v]
     if differ:
