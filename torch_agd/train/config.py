@@ -23,7 +23,7 @@ from torch_agd.models import ARCHS, PAPER_ARCHS, check_arch
 from torch_agd.models.libraries import HF_DEPTH, HF_WIDTH
 from torch_agd.optim.orthogonalize import DIRECTIONS
 from torch_agd.train import rundir
-from torch_agd.train.fsdp import SHARDABLE
+from torch_agd.train.fsdp import SHARDABLE, UNSHARDABLE_PEERS
 from torch_agd.train.loop import LOSSES
 from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR
 from torch_agd.train.optimizers import AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
@@ -269,6 +269,9 @@ def check_fsdp(config: TrainConfig) -> None:
         return
     if config.compile:
         raise UsageError("--fsdp does not combine with --compile yet; drop --compile")
+    if config.optimizer in UNSHARDABLE_PEERS:
+        raise UsageError(f"--fsdp cannot train with --optimizer {config.optimizer}: "
+                         f"{UNSHARDABLE_PEERS[config.optimizer]}; run it without --fsdp")
     if config.optimizer not in SHARDABLE:
         raise UsageError(f"--fsdp trains with --optimizer {', '.join(SHARDABLE[:-1])} or {SHARDABLE[-1]}; "
                          f"run --optimizer {config.optimizer} without --fsdp")
