@@ -102,3 +102,52 @@ def test_an_fsdp_job_killed_after_a_checkpoint_resumes_to_the_uninterrupted_weig
     assert bitwise_equal(a["model"], b["model"])
     assert bitwise_equal(a["optimizer"]["state"], b["optimizer"]["state"])
     assert _untimed(metrics_rows(tmp_path / "killed")) == _untimed(metrics_rows(tmp_path / "whole"))
+
+
+def _peer_on_uneven_shards(rank: int, port: int, name: str, out: str) -> None:
+    """Rank ``rank`` of 2: one step of peer ``name`` on a Linear of 3 rows (shards of 2 and 1);
+    rank 0 writes what happened."""
+    import os
+
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from torch_agd.train.optimizers import build_peer
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+    opt = build_peer(name, model.parameters())
+    model(torch.randn(2, 4)).square().mean().backward()
+    try:
+        opt.step()
+        what = "stepped"
+    except RuntimeError as error:
+        what = str(error).splitlines()[0]
+    if rank == 0:
+        Path(out).write_text(what)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt-adam"])
+def test_the_peers_refused_for_flattening_still_cannot_step_unequal_shards(name, tmp_path):
+    """The reason --fsdp gives for refusing them, measured: when a package's release lifts it,
+    this fails, and the refusal should go."""
+    import torch.multiprocessing as mp
+
+    pytest.importorskip({"prodigy": "prodigyopt", "dadapt-adam": "dadaptation"}[name],
+                        reason='needs pip install "torch-agd[peers]"')
+    out = tmp_path / "what.txt"
+    mp.start_processes(_peer_on_uneven_shards, args=(_free_port(), name, str(out)), nprocs=2, start_method="spawn")
+    assert out.read_text().startswith("Cannot flatten unevenly sharded tensor"), out.read_text()
+
+
+def test_dogs_state_dict_still_holds_a_flag_among_the_parameters_state():
+    """DoG's reason (fsdp.UNSHARDABLE_PEERS): DCP's get_state_dict cannot name this entry."""
+    pytest.importorskip("dog", reason='needs pip install "torch-agd[peers]"')
+    from torch_agd.train.optimizers import build_peer
+
+    assert "_first_step" in build_peer("dog", [torch.zeros(2, requires_grad=True)]).state_dict()["state"]
