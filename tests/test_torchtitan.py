@@ -113,6 +113,19 @@ def test_the_container_steps_as_agd_in_a_plain_loop_bitwise():
         assert torch.equal(a, b), name
 
 
+def test_torchtitans_command_line_takes_the_agd_config_and_its_overrides():
+    """What `torchrun -m torchtitan.train --module torch_agd.integrations.torchtitan --config
+    llama3_debugmodel_agd --optimizer.gain 2` parses (its Trainer needs a GPU: see the top)."""
+    pytest.importorskip("torchtitan.trainer", reason="needs the whole of torchtitan")
+    from torchtitan.config import ConfigManager
+
+    config = ConfigManager().parse_args(["--module", "torch_agd.integrations.torchtitan", "--config",
+                                         "llama3_debugmodel_agd", "--optimizer.gain", "2", "--optimizer.momentum", "0.9"])
+    assert isinstance(config.optimizer, AGDOptimizers.Config)
+    assert (config.optimizer.gain, config.optimizer.momentum, config.training.max_norm) == (2.0, 0.9, math.inf)
+    assert (config.lr_scheduler.warmup_steps, config.lr_scheduler.decay_ratio) == (0, 0.0)
+
+
 def test_init_weights_draws_agds_initialisation():
     a, b = debug_model(layers=1), debug_model(layers=1)
     torch.manual_seed(5)
