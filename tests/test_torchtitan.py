@@ -80,6 +80,16 @@ def test_every_parameter_of_the_llama3_debug_model_gets_its_rule():
     assert opt.depth == 2 * 6 + 2
 
 
+def test_the_experts_of_torchtitans_moe_are_stacked_matrices():
+    from torchtitan.models.qwen3 import model_registry as qwen3
+
+    model = qwen3("debugmodel_moe").model.build()
+    got = kinds(AGD(model))
+    experts = {name: kind for name, kind in got.items() if ".inner_experts." in name}
+    assert experts and set(experts.values()) == {"stacked"}
+    assert got["layers.0.moe.router.gate.weight"] == "weight" and "raw" not in got.values()
+
+
 def test_separate_q_k_v_are_three_weights():
     from torchtitan.models.common.attention import QKVLinear
     from torchtitan.models.common.linear import Linear

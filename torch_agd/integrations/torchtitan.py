@@ -6,7 +6,8 @@ parallelisms: ``config.optimizer.build(model_parts=...)``. That field takes any
 torchtitan's documented way to change the optimizer (OptimizersContainer's docstring): its
 ``build`` then constructs the subclass. ``AGDOptimizers`` builds ``AGD(model)`` on the model as
 torchtitan hands it over, so every parameter gets the rule of its module's type: torchtitan's
-Linear, Embedding and RMSNorm subclass torch's, whose rules AGD already has.
+Linear, Embedding and RMSNorm subclass torch's, whose rules AGD already has; its experts'
+stacked matrices get theirs from the register_rule below.
 
 How to run it (docs/integrations.md, "torchtitan")::
 
@@ -24,11 +25,18 @@ from torch import nn
 from torchtitan.components.checkpointer.utils import canonical_fqn
 from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.utils import init_optim_state
+from torchtitan.models.common.moe import GroupedExperts
 
-from torch_agd import AGD, init_weights_
+from torch_agd import AGD, init_weights_, register_rule
 from torch_agd.errors import UsageError
 
 __all__ = ["AGDOptimizers", "with_agd", "llama3_debugmodel_agd"]
+
+# torchtitan's mixture-of-experts layers (Qwen3-MoE, DeepSeek-V3, ...) hold their experts' matrices
+# stacked as (experts, out, in) (w1, w3: dim -> hidden; w2: hidden -> dim; the forward multiplies by
+# their transposes): each expert's matrix is a block of its own, as E separate linear weights would
+# be. Nothing in the module's structure says so, and without this rule they would be raw slots.
+register_rule(GroupedExperts, {"w1_EFD": "stacked", "w2_EDF": "stacked", "w3_EFD": "stacked"})
 
 
 def _check_one_whole_model(model_parts: list[nn.Module]) -> None:
