@@ -43,10 +43,11 @@ def _check_one_whole_model(model_parts: list[nn.Module]) -> None:
     """AGD's step size sums the gradient norms of every block of the whole model, so one AGD
     must see all of it: pipeline parallelism gives a rank only its stages (and sets the modules
     of the other stages to None), whose G would be a part of the model's."""
-    stage = len(model_parts) != 1 or any(m is None for m in model_parts[0]._modules.values())
-    if stage:
-        raise UsageError("AGD in torchtitan needs the whole model on every rank (eta sums over every block); "
-                         "pipeline parallelism is not supported: set parallelism.pipeline_parallel_degree = 1")
+    missing = [name for name, m in model_parts[0]._modules.items() if m is None] if len(model_parts) == 1 else []
+    if len(model_parts) != 1 or missing:
+        held = f"{len(model_parts)} model parts" if len(model_parts) != 1 else f"a model without {', '.join(missing)}"
+        raise UsageError(f"AGD in torchtitan needs the whole model on every rank (eta sums over every block), got "
+                         f"{held}: pipeline parallelism is not supported, set parallelism.pipeline_parallel_degree = 1")
 
 
 class AGDOptimizers(OptimizersContainer):
