@@ -203,7 +203,8 @@ MODEL_CONFIGS = {
     **{f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}") for lr in ADAMW_LRS},
     "prodigy": ("--optimizer", "prodigy"),
     "schedulefree": ("--optimizer", "schedulefree"),
-    "agd+adamw": ("--optimizer", "agd+adamw"),  # the fallback: AGD on the matrices, AdamW elsewhere
+    # the fallback: AGD on the matrices (L one per matrix, as results.md reports), AdamW elsewhere
+    "agd+adamw": ("--optimizer", "agd+adamw", "--agd-depth", "weights"),
 }
 VISION_MODELS = ("tv-resnet18", "tv-vit")
 LANGUAGE_MODEL = ("charlm", "stdlib", 32)  # --arch, --dataset, --train_bs
