@@ -304,7 +304,14 @@ def _clean_launch(monkeypatch):
 
 @pytest.mark.parametrize("flags, message", [
     (["--compile"], "--fsdp does not combine with --compile yet; drop --compile"),
-    (["--optimizer", "prodigy"], "--fsdp trains with --optimizer agd, adam, adamw or sgd; run --optimizer prodigy without --fsdp"),
+    (["--optimizer", "prodigy"], "--fsdp cannot train with --optimizer prodigy: " + fsdp.UNSHARDABLE_PEERS["prodigy"]
+     + "; run it without --fsdp"),
+    (["--optimizer", "dadapt-adam"], "--fsdp cannot train with --optimizer dadapt-adam: "
+     + fsdp.UNSHARDABLE_PEERS["dadapt-adam"] + "; run it without --fsdp"),
+    (["--optimizer", "dog"], "--fsdp cannot train with --optimizer dog: " + fsdp.UNSHARDABLE_PEERS["dog"]
+     + "; run it without --fsdp"),
+    (["--optimizer", "muon"], "--fsdp trains with --optimizer agd, adam, adamw, sgd, agd+adamw or schedulefree; "
+                              "run --optimizer muon without --fsdp"),
 ])
 def test_what_fsdp_does_not_combine_with_is_refused_before_joining(flags, message, tmp_path, capsys, monkeypatch):
     # Rank 0 of 2 with no rank 1 anywhere: a check after init_process_group would wait for it.
@@ -452,8 +459,8 @@ def test_a_bad_fsdp_launch_under_torchrun_is_one_line_from_rank_0(tmp_path):
     stdout, stderr = _finish(proc, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in stderr.splitlines() if "agd: error:" in line]
-    assert errors == ["agd: error: --fsdp trains with --optimizer agd, adam, adamw or sgd; "
-                      "run --optimizer prodigy without --fsdp"], stderr
+    assert errors == [f"agd: error: --fsdp cannot train with --optimizer prodigy: {fsdp.UNSHARDABLE_PEERS['prodigy']}; "
+                      "run it without --fsdp"], stderr
     _no_agd_traceback(stderr)
     assert stdout == "" and not out.exists()
 

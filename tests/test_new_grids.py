@@ -103,6 +103,8 @@ def test_models_grid_runs_every_config_on_each_model_at_the_scales_step_budgets(
             assert (_arg(spec, "--optimizer"), _arg(spec, "--agd-depth")) == ("agd", config[6:])
         elif config == "agd-m0.9":
             assert (_arg(spec, "--optimizer"), _arg(spec, "--momentum")) == ("agd", "0.9")
+        elif config == "agd+adamw":  # one layer per matrix, the L of the published runs
+            assert (_arg(spec, "--optimizer"), _arg(spec, "--agd-depth")) == ("agd+adamw", "weights")
         else:
             assert _arg(spec, "--optimizer") == config and "--lr" not in spec.argv and "--agd-depth" not in spec.argv
     assert {_arg(s, "--dataset") for s in grids.grid_runs("models", "small", seeds=1, dataset="mnist")} \
@@ -346,7 +348,8 @@ def test_new_figures_have_a_panel_per_setting_and_per_model(tmp_path):
     (("--arch", "fcn", "--depth", "3", "--width", "8", "--optimizer", "agd"), 3),
     (("--arch", "tv-vit", "--optimizer", "agd"), 10),  # auto: layers in series
     (("--arch", "tv-vit", "--optimizer", "agd", "--agd-depth", "weights"), 18),
-    (("--arch", "tv-vit", "--optimizer", "agd+adamw"), 18),  # the fallback: one per weight matrix
+    (("--arch", "tv-vit", "--optimizer", "agd+adamw", "--agd-depth", "weights"), 18),  # one per weight matrix
+    (("--arch", "tv-vit", "--optimizer", "agd+adamw"), 10),  # auto: the matrices in series
     (("--arch", "fcn", "--depth", "3", "--width", "8", "--optimizer", "adam"), None),
 ])
 def test_the_trainer_records_the_L_that_agd_used(monkeypatch, tmp_path, one_thread, flags, L):

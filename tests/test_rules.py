@@ -235,6 +235,8 @@ def test_repeated_blocks_count_once_each():
     model = nn.Sequential(nn.Linear(3, 4), *[Block() for _ in range(5)], nn.Linear(4, 2))
     assert AGD(model).depth == 7
     assert AGD(model, depth="weights").depth == 12
+    # a ModuleDict of blocks (torchtitan keeps its layers so, by name, for pipeline stages)
+    assert AGD(nn.ModuleDict({str(i): Block() for i in range(3)})).depth == 3
 
     class AttentionBlock(nn.Module):  # a transformer block of one's own: attention and MLP branches
         def __init__(self):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fakedata import install_fake_idx
 from helpers import bitwise_equal, metrics_rows, needs_fashion
@@ -372,6 +373,47 @@ def test_the_agd_inside_agd_adamw_reports_its_eta_and_depth(fake_fashion, tmp_pa
     (row,) = metrics_rows(out)
     assert row["eta_mean"] > 0 and row["skipped_steps"] == 0
     assert json.loads((out / "config.json").read_text())["agd_L"] == 3  # the FCN's three weight matrices
+
+
+def test_agd_adamw_takes_the_depth_it_is_given():
+    from torch_agd.train.optimizers import build_optimizer
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), Block(), Block(), Block(), nn.Linear(4, 2))
+    depth = {how: build_optimizer("agd+adamw", model, agd_depth=how, init=False).agd.depth
+             for how in ("weights", "auto", "5")}
+    # 8 matrices; auto: the first and last layers and one per residual block (the norm is AdamW's)
+    assert depth == {"weights": 8, "auto": 5, "5": 5}
+    assert build_optimizer("agd+adamw", model, init=False).agd.depth == 8  # the library's default
+
+
+@pytest.mark.slow
+def test_an_agd_adamw_run_saved_before_it_honoured_agd_depth_resumes_with_its_old_L(fake_fashion, tmp_path):
+    """Before config_format 2, agd+adamw counted one layer per matrix whatever --agd-depth said,
+    and config.json recorded the ignored value: such a run resumes with the L it ran with."""
+    out = tmp_path / "old"
+    assert main(_argv(fake_fashion, out, 1, "--optimizer", "agd+adamw", "--agd-depth", "weights")) == 0
+    whole = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert whole["optimizer"]["agd"]["param_groups"][0]["depth"] == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["config_format"] == 2
+    del config["config_format"]
+    config["agd_depth"] = "2"  # given, recorded and ignored by the agd+adamw of format 1
+    (out / "config.json").write_text(json.dumps(config))
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):  # resumed from its start
+        (out / name).unlink()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    _same_state(torch.load(out / "checkpoint.pt", weights_only=True), whole)
+    # the same config.json of format 2 means what it says
+    (out / "config.json").write_text(json.dumps({**config, "config_format": 2}))
+    for name in ("checkpoint.pt", "metrics.jsonl", "summary.json"):
+        (out / name).unlink()
+    assert main(["train", "--out", str(out), "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["optimizer"]["agd"]["param_groups"][0]["depth"] == 2
 
 
 @pytest.mark.slow

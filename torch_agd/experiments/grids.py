@@ -203,7 +203,8 @@ MODEL_CONFIGS = {
     **{f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}") for lr in ADAMW_LRS},
     "prodigy": ("--optimizer", "prodigy"),
     "schedulefree": ("--optimizer", "schedulefree"),
-    "agd+adamw": ("--optimizer", "agd+adamw"),  # the fallback: AGD on the matrices, AdamW elsewhere
+    # the fallback: AGD on the matrices (L one per matrix, as results.md reports), AdamW elsewhere
+    "agd+adamw": ("--optimizer", "agd+adamw", "--agd-depth", "weights"),
 }
 VISION_MODELS = ("tv-resnet18", "tv-vit")
 LANGUAGE_MODEL = ("charlm", "stdlib", 32)  # --arch, --dataset, --train_bs
@@ -294,7 +295,11 @@ MUON_ADJUST_TAGS = {"match_rms_adamw": "rms", "original": "orig"}
 MUON_AUX_LRS = {"fcn": 3e-4, "cnn": 3e-3, "tv-resnet18": 1e-3, "tv-vit": 3e-3, "charlm": 3e-3}
 # The lr each tuned optimizer chose at seed 0 (the lowest validation loss or highest accuracy of
 # `agd sweep compare --seeds 1`), per model: the configuration name of the compare grid.
-COMPARE_TUNED: dict[str, tuple[str, ...]] = {}
+COMPARE_TUNED: dict[str, tuple[str, ...]] = {
+    # charlm at seed 0: AdamW 3e-4 2.322, 1e-3 2.186, 3e-3 2.043, 1e-2 2.471; Muon (match_rms_adamw)
+    # 3e-4 2.238, 1e-3 2.032, 3e-3 1.753, 1e-2 1.643, 3e-2 2.231 (both bests inside their grids).
+    "charlm": ("adamw-lr3e-03", "muon-rms-lr1e-02"),
+}
 
 
 def _muon_configs(aux_lr: float) -> dict[str, tuple[str, ...]]:

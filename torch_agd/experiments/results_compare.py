@@ -150,10 +150,10 @@ def _findings(model: Model) -> list[Finding]:
                 found.append(compare(model.groups[config], model.groups[other], name, other_name + lr,
                                      metric=model.metric))
     pairs = [("agd-orth", "agd-m0.9", "orthogonal AGD", "AGD with momentum 0.9 (the paper's direction)"),
-             ("agd-orth-headfro", "agd-orth", "orthogonal AGD with the head on the paper's rule", "with every matrix O(D)"),
+             ("agd-orth-headfro", "agd-orth", "orthogonal AGD with the head on the paper's rule", "orthogonal AGD with every matrix O(D)"),
              ("agd-orth-normalised", "agd-orth", "the control O(D) at the Frobenius size", "orthogonal AGD"),
              ("agd-m0.9-gain10", "agd-m0.9", "the control gain 10", "gain 1 (AGD with momentum 0.9)"),
-             ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "without")]
+             ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "orthogonal AGD without a schedule")]
     for a, b, a_name, b_name in pairs:
         if a in model.groups and b in model.groups:
             found.append(compare(model.groups[a], model.groups[b], a_name, b_name, metric=model.metric, worse=False))

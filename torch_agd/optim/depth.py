@@ -58,7 +58,7 @@ def infer_depth(module: nn.Module, layer_ids: set[int]) -> int:
         nonlocal depth
         children = list(mod.children())
         counts: dict[type, int] = {}
-        if isinstance(mod, (nn.Sequential, nn.ModuleList)):
+        if isinstance(mod, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):  # torchtitan: a ModuleDict of layers
             for c in children:
                 counts[type(c)] = counts.get(type(c), 0) + 1
         for child in children:

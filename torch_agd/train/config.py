@@ -23,7 +23,7 @@ from torch_agd.models import ARCHS, PAPER_ARCHS, check_arch
 from torch_agd.models.libraries import HF_DEPTH, HF_WIDTH
 from torch_agd.optim.orthogonalize import DIRECTIONS
 from torch_agd.train import rundir
-from torch_agd.train.fsdp import SHARDABLE
+from torch_agd.train.fsdp import SHARDABLE, UNSHARDABLE_PEERS
 from torch_agd.train.loop import LOSSES
 from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR
 from torch_agd.train.optimizers import AGD_HEADS, AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
@@ -89,6 +89,10 @@ CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIM
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
 MAY_CHANGE_ON_RESUME = ("data_dir", "workers", "distribute", "compile", "out", "tp")  # tp: DCP reshards
+# config.json's "config_format", for values whose meaning changed: 2 since agd+adamw honours
+# --agd-depth (format 1, a config.json without the key, had it count one layer per matrix
+# whatever agd_depth said).
+CONFIG_FORMAT = 2
 TIMING_KEYS = ("epoch_seconds", "train_samples_per_second")
 
 
@@ -205,6 +209,13 @@ def _check_new(values: dict, given: dict) -> None:
         raise UsageError("--dataset text needs --data-dir FILE (a UTF-8 text file) or a directory of text files")
 
 
+def _migrate(saved: dict, values: dict) -> None:
+    """Give ``values`` (read from an older config.json, ``saved``) the meaning they had when that
+    run started, so that it resumes as it ran."""
+    if saved.get("config_format", 1) < 2 and values["optimizer"] == "agd+adamw":
+        values["agd_depth"] = "weights"  # what agd+adamw used, whatever agd_depth recorded
+
+
 def _resume(given: dict) -> TrainConfig:
     """The run in --out DIR as its config.json records it, with the flags that may change."""
     if "out" not in given:
@@ -215,6 +226,7 @@ def _resume(given: dict) -> TrainConfig:
     saved = json.loads(path.read_text())
     # A run saved before a flag existed ran as that flag's default does.
     values = {k: saved.get(k, SAVED_BEFORE.get(k, FLAGS[k][1])) for k in FLAGS}
+    _migrate(saved, values)
     differ = [f"{_flag(k)} {v} (the run has {values[k]})" for k, v in given.items()
               if k not in MAY_CHANGE_ON_RESUME and values[k] != v]
     if differ:
@@ -263,6 +275,9 @@ def check_fsdp(config: TrainConfig) -> None:
         return
     if config.compile:
         raise UsageError("--fsdp does not combine with --compile yet; drop --compile")
+    if config.optimizer in UNSHARDABLE_PEERS:
+        raise UsageError(f"--fsdp cannot train with --optimizer {config.optimizer}: "
+                         f"{UNSHARDABLE_PEERS[config.optimizer]}; run it without --fsdp")
     if config.optimizer not in SHARDABLE:
         raise UsageError(f"--fsdp trains with --optimizer {', '.join(SHARDABLE[:-1])} or {SHARDABLE[-1]}; "
                          f"run --optimizer {config.optimizer} without --fsdp")

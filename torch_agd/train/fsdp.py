@@ -38,10 +38,22 @@ from torch_agd.train import checkpoint as ckpt
 from torch_agd.train import rundir
 from torch_agd.train.dist import DistEnv
 
-# What --fsdp can shard: the optimizers that step DTensor shards correctly. The peers are refused:
-# Prodigy and D-Adaptation flatten whole parameters, which DTensor cannot do for shards of unequal
-# length; so is agd+adamw for now: two optimizers in one, where save_checkpoint saves one.
-SHARDABLE = ("agd", "adam", "adamw", "sgd")
+# What --fsdp can shard: the optimizers that step DTensor shards as they step whole tensors
+# (tested against one process on 2 gloo ranks). agd+adamw checkpoints both its parts.
+SHARDABLE = ("agd", "adam", "adamw", "sgd", "agd+adamw", "schedulefree")
+# The peers whose packages cannot train FSDP2 shards, and why (measured with prodigyopt 1.1.2,
+# dadaptation 3.2 and dog-optimizer 1.0.3 on 2 gloo ranks): Prodigy and D-Adaptation flatten every
+# parameter, which DTensor refuses for a shard of unequal length (a dimension 0 that N does not
+# divide), and all-reduce their sums only for FSDP1's flat parameters (fsdp_in_use); DoG steps
+# shards correctly but cannot be checkpointed by DCP.
+UNSHARDABLE_PEERS = {
+    "dog": "dog-optimizer puts a flag (_first_step) among its state dict's per-parameter entries, which "
+           "torch.distributed.checkpoint cannot name, so a sharded run could not save its checkpoint",
+    "prodigy": "prodigyopt flattens each parameter (p.flatten()), which DTensor cannot do for FSDP2's "
+               "unequal shards, and all-reduces its sums only for FSDP1's flat parameters",
+    "dadapt-adam": "dadaptation flattens each gradient (grad.flatten()), which DTensor cannot do for FSDP2's "
+                   "unequal shards, and all-reduces its sums only for FSDP1's flat parameters",
+}
 
 # Inside DIR/checkpoint/: what is not a tensor (epoch, metrics, RNG state), from rank 0.
 TRAIN_STATE = "train_state.pt"
@@ -169,6 +181,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _parts(optimizer, model: nn.Module) -> tuple:
+    """The torch optimizers inside ``optimizer`` that hold parameters of ``model``: a
+    Composite's parts (agd+adamw), whose states DCP keys by parameter name into one, or the
+    optimizer itself. (agd+adamw on a model without biases or norms gives AdamW a stand-in
+    tensor of its own, which has no name in the model and no state.)"""
+    ours = {id(p) for p in model.parameters()}
+    parts = getattr(optimizer, "parts", {"": optimizer}).values()
+    return tuple(o for o in parts if any(id(p) in ours for g in o.param_groups for p in g["params"]))
+
+
 def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metrics: list[dict], env: DistEnv,
                     scheduler=None) -> None:
     """Every rank writes its shards of the model and optimizer state (a collective); see above."""
@@ -179,7 +201,7 @@ def save_checkpoint(out: Path, *, model: nn.Module, optimizer, epoch: int, metri
     if env.is_master:
         shutil.rmtree(tmp, ignore_errors=True)  # what a save killed half-way left
     env.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, _parts(optimizer, model))
     # Returns on every rank once rank 0 has written .metadata, after every rank's shards.
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
     if env.is_master:
@@ -208,11 +230,11 @@ def load_checkpoint(path: Path, *, model: nn.Module, optimizer) -> dict:
 
     # The templates DCP loads into; for a fresh optimizer get_state_dict first creates its state
     # with a step of zero gradients at lr 0, which moves no weight.
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, _parts(optimizer, model))
     state = {"model": model_state, "optimizer": optim_state}
     dcp.load(state, checkpoint_id=path)
     set_model_state_dict(model, state["model"])
     # Not strict: AGD without momentum keeps no state per parameter (its counters live in the
     # first parameter's), which the strict check takes for missing state.
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(model, _parts(optimizer, model), state["optimizer"], options=StateDictOptions(strict=False))
     return torch.load(path / TRAIN_STATE, map_location="cpu", weights_only=True)

@@ -167,16 +167,21 @@ class Composite(Optimizer):
 class AGDWithAdamW(Composite):
     """The fallback users have without AGD's rules for every kind: AGD (the paper's rule and L) on
     the weight matrices of linear, conv and attention layers, AdamW (lr 1e-3, weight decay 0.01)
-    on everything else, each model parameter keeping its module's own initialisation."""
+    on everything else, each model parameter keeping its module's own initialisation. ``depth``
+    is AGD's (parse_agd_depth): None counts the matrices in series along the model's residual
+    path, "weights" one per matrix (the paper's count), or a number."""
 
-    def __init__(self, model: nn.Module, gain: float = 1.0):
+    def __init__(self, model: nn.Module, gain: float = 1.0, depth: int | str | None = "weights"):
         from torch_agd import AGD
+        from torch_agd.optim.depth import infer_depth
         from torch_agd.optim.rules import group_rule, module_param_groups
 
         groups = module_param_groups(model)
         matrices = [g for g in groups if group_rule(g).matrix]
         taken = {id(p) for g in matrices for _, p in g["params"]}
-        self.agd = AGD(matrices, gain=gain, depth="weights")
+        if depth is None:  # AGD gets groups, not the model, so it cannot see the residual path itself
+            depth = infer_depth(model, taken)
+        self.agd = AGD(matrices, gain=gain, depth=depth)
         rest = [p for p in model.parameters() if id(p) not in taken]
         self.adamw = torch.optim.AdamW(rest or [torch.zeros(0, requires_grad=True)], lr=DEFAULT_LR["adamw"],
                                        weight_decay=ADAMW_WEIGHT_DECAY)  # (an empty stand-in: a bias-free net)
@@ -306,7 +311,7 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
     if init:
         init_weights(name, model)
     if name == "agd+adamw":
-        return AGDWithAdamW(model, gain=gain)
+        return AGDWithAdamW(model, gain=gain, depth=parse_agd_depth(agd_depth))
     if name == "muon":
         if example is None:
             raise UsageError("--optimizer muon needs one example input to find the model's output head: "

@@ -27,7 +27,7 @@ from torch_agd.errors import UsageError
 from torch_agd.models import ARCHS, build_model
 from torch_agd.train import checkpoint as ckpt
 from torch_agd.train import fsdp, meta, rundir, tp
-from torch_agd.train.config import (TrainConfig, add_arguments, check_fsdp, check_split, default_out,
+from torch_agd.train.config import (CONFIG_FORMAT, TrainConfig, add_arguments, check_fsdp, check_split, default_out,
                                     resolve_config)
 from torch_agd.train.dist import DistEnv, collective_failure, launch_position
 from torch_agd.train.loop import LOSSES, evaluate, train_epoch
@@ -62,8 +62,8 @@ def _start_run_dir(out: Path, config: TrainConfig, optimizer) -> None:
 
     agd = agd_of(optimizer)
     agd_L = {} if agd is None else {"agd_L": agd.depth}  # the L that AGD found (--agd-depth auto) or was given
-    rundir.write_json(out / rundir.CONFIG, {**config.flag_values(), **agd_L, "version": __version__,
-                                            "git_commit": _git_commit()})
+    rundir.write_json(out / rundir.CONFIG, {**config.flag_values(), **agd_L, "config_format": CONFIG_FORMAT,
+                                            "version": __version__, "git_commit": _git_commit()})
 
 
 # ------------------------------------------------------------------------ reporting
