@@ -298,12 +298,12 @@ def test_functional_agd_takes_the_same_orthogonal_step():
     agd(b, gs, rules=["weight", "weight", "embedding"], depth=3, direction="orthogonal")
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
-    with pytest.raises(UsageError, match="direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', got 'muon'"):
+    with pytest.raises(UsageError, match="direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', 'orthogonal-nuclear', got 'muon'"):
         agd(b, gs, direction="muon")
 
 
 def test_direction_is_per_group_checked_and_survives_state_dict():
-    with pytest.raises(UsageError, match=r"^AGD direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', got 'svd'$"):
+    with pytest.raises(UsageError, match=r"^AGD direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', 'orthogonal-nuclear', got 'svd'$"):
         AGD([torch.randn(3, 3, requires_grad=True)], direction="svd")
     with pytest.raises(UsageError, match="direction of param group 1"):
         AGD([{"params": [torch.randn(3, 3, requires_grad=True)]},
@@ -485,3 +485,53 @@ def test_agd_head_frobenius_keeps_the_output_head_on_the_papers_rule():
     assert not torch.allclose(moved["frobenius"][0]["head.weight"], moved["orthogonal"][0]["head.weight"])
     with pytest.raises(UsageError, match="needs one example input"):
         build_optimizer("agd", copy.deepcopy(model), direction="orthogonal", agd_head="frobenius", init=False)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("case", ["linear+bias", "conv2d+bias", "attention separate qkv", "hf conv1d", "layernorm"])
+def test_the_nuclear_eta_takes_G_from_each_matrix_blocks_inner_product_with_its_move(case, foreach):
+    # direction="orthogonal-nuclear": the orthogonal move, and G from s(B) <g(B), O(D(B))> of the
+    # matrix blocks (their gradients' nuclear norms here, D = g), the Frobenius norms elsewhere.
+    build, blocks_of = CASES[case]
+    torch.manual_seed(0)
+    model = build().double()
+    params = [p for _, p in model.named_parameters()]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    at = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    blocks = marked(model, blocks_of(model, at))
+    expected, eta = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3, mults=[2.5] * len(params),
+                                              orthogonalise=newton_schulz, nuclear=True)
+    _, eta_frobenius = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3,
+                                                 orthogonalise=newton_schulz)
+    opt = AGD(model, lr=0.5, gain=5.0, depth=3, foreach=foreach, direction="orthogonal-nuclear")
+    opt.step()
+    assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
+    has_matrix = any(len(b) == 3 for b in blocks)
+    assert (eta > eta_frobenius * (1 + 1e-6)) == has_matrix  # ||g||_nuc > ||g||_F on every matrix of rank > 1
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_the_nuclear_eta_with_momentum_uses_the_gradient_against_the_moved_direction():
+    build, blocks_of = CASES["linear+bias"]
+    torch.manual_seed(1)
+    model = build().double()
+    opt = AGD(model, depth=2, momentum=0.9, direction="orthogonal-nuclear")
+    params = [p for _, p in model.named_parameters()]
+    g1 = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, g1):
+        p.grad = g.clone()
+    opt.step()
+    g2 = [torch.randn_like(p) for p in params]
+    for p, g in zip(params, g2):
+        p.grad = g.clone()
+    d2 = [b + 0.9 * (0.9 * a + b) for a, b in zip(g1, g2)]  # Nesterov: g + beta * (beta * m + g)
+    at = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+    blocks = marked(model, blocks_of(model, at))
+    expected, eta = reference_orthogonal_step(params, g2, blocks, 2, directions=d2, orthogonalise=newton_schulz,
+                                              nuclear=True)
+    opt.step()
+    assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12)

@@ -276,6 +276,8 @@ COMPARE_CONTROLS = {
     "agd-orth-m0": _ORTH,  # the direction without momentum
     # The orthogonal direction at the paper's Frobenius step size: the direction alone, not the step.
     "agd-orth-normalised": ("--optimizer", "agd", "--agd-direction", "orthogonal-normalised", "--momentum", "0.9"),
+    # eta from the derivation's first-order term for this step (the gradients' nuclear norms).
+    "agd-orth-nuc": ("--optimizer", "agd", "--agd-direction", "orthogonal-nuclear", "--momentum", "0.9"),
     # A larger step alone, the paper's direction: the gain its authors suggest to train faster.
     "agd-m0.9-gain10": ("--optimizer", "agd", "--momentum", "0.9", "--gain", "10"),
     # The schedule everyone can use (a linear decay to zero over the run), on the orthogonal AGD;

@@ -36,6 +36,7 @@ METHODS = {
 CONTROLS = {
     "agd-orth-m0": "orthogonal AGD without momentum",
     "agd-orth-normalised": "control: O(D) at the paper's Frobenius size, momentum 0.9",
+    "agd-orth-nuc": "orthogonal AGD, eta from the nuclear norm (<g, O(D)>) in place of the Frobenius",
     "agd-m0.9-gain10": "control: the paper's direction at gain 10, momentum 0.9",
     "agd-orth-linear": "orthogonal AGD, linear decay of the lr multiplier to 0",
 }
@@ -152,6 +153,7 @@ def _findings(model: Model) -> list[Finding]:
     pairs = [("agd-orth", "agd-m0.9", "orthogonal AGD", "AGD with momentum 0.9 (the paper's direction)"),
              ("agd-orth-headfro", "agd-orth", "orthogonal AGD with the head on the paper's rule", "orthogonal AGD with every matrix O(D)"),
              ("agd-orth-normalised", "agd-orth", "the control O(D) at the Frobenius size", "orthogonal AGD"),
+             ("agd-orth-nuc", "agd-orth", "orthogonal AGD with the nuclear eta", "with the Frobenius eta"),
              ("agd-m0.9-gain10", "agd-m0.9", "the control gain 10", "gain 1 (AGD with momentum 0.9)"),
              ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "orthogonal AGD without a schedule")]
     for a, b, a_name, b_name in pairs:

@@ -122,7 +122,8 @@ def _unit_norms(norms_d: Tensor, unit: Tensor | None) -> Tensor:
 
 
 def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_reduce,
-                       moves: list[Tensor] | None = None, unit: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                       moves: list[Tensor] | None = None, unit: Tensor | None = None,
+                       nuclear=None) -> tuple[Tensor, Tensor]:
     """Reference path, per tensor. Returns (eta before lr and gain, whether G was finite).
     ``moves``: what each tensor moves along (default its direction), ``unit``: the blocks whose
     move is not normalised (see step_blocks)."""
@@ -141,7 +142,7 @@ def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_re
     scales = torch.zeros(n_blocks, dtype=acc, device=main)
     for e in placements:
         scales[e.base:e.base + e.blocks.count] = e.blocks.scale
-    G = (scales * sq_g.sqrt()).sum() / depth
+    G = (scales * _G_norms(sq_g.sqrt(), nuclear)).sum() / depth
     finite = torch.isfinite(G)
     eta = torch.where(finite, _eta(G), 0.0)  # a non-finite G must not reach the weights
     f = eta / depth * scales / _unit_norms(sq_d.sqrt(), unit).clamp_min(_NORM_FLOOR)
@@ -160,7 +161,7 @@ def _single_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_re
 
 def _multi_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_reduce,
                       plans: dict | None = None, moves: list[Tensor] | None = None,
-                      unit: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      unit: Tensor | None = None, nuclear=None) -> tuple[Tensor, Tensor]:
     """Same arithmetic with batched ops. ``plans`` caches layouts between steps (foreach_plan.py);
     None rebuilds it, as does tracing under torch.compile (the trace keeps what it needs).
     ``moves`` and ``unit`` as in _single_tensor_agd (a move is laid out like its direction, so
@@ -181,7 +182,7 @@ def _multi_tensor_agd(steps: list[ParamStep], depth: int, n_blocks: int, all_red
     sq_d = foreach_plan.sq_contributions(p, dirs, acc, main, direction=True) if dirs is not grads else sq_g
     sq_g, sq_d = _complete(all_reduce, sq_g, sq_d)
     norms_g = sq_g.sqrt_() if sq_d is not sq_g else sq_g.sqrt()
-    G = torch.dot(norms_g, p.scales) / depth
+    G = torch.dot(_G_norms(norms_g, nuclear), p.scales) / depth
     finite = torch.isfinite(G)
     eta = torch.where(finite, _eta(G), 0.0)
     # On the CPU outside torch.compile, reading `finite` is a memory load, not a device sync:
@@ -227,12 +228,12 @@ def step_blocks(steps: list[ParamStep], *, depth: int, n_blocks: int, foreach: b
     if all_reduce is not None and len(meshes) < len(steps):
         raise UsageError("AGD steps a model sharded by FSDP2 whole: every trained parameter must be a DTensor "
                          "(apply fully_shard to the root module too)")
-    moves, unit = _orthogonal_moves(steps, n_blocks)
+    moves, unit, nuclear = _orthogonal_moves(steps, n_blocks)
     if foreach:
         if plans is not None and len(plans) > 8:  # layouts keep changing (grads come and go): do not hoard
             plans.clear()
-        return _multi_tensor_agd(steps, depth, n_blocks, all_reduce, plans, moves, unit)
-    return _single_tensor_agd(steps, depth, n_blocks, all_reduce, moves, unit)
+        return _multi_tensor_agd(steps, depth, n_blocks, all_reduce, plans, moves, unit, nuclear)
+    return _single_tensor_agd(steps, depth, n_blocks, all_reduce, moves, unit, nuclear)
 
 
 def _orthogonal_moves(steps: list[ParamStep], n_blocks: int) -> tuple[list[Tensor] | None, Tensor | None]:
@@ -241,12 +242,29 @@ def _orthogonal_moves(steps: list[ParamStep], n_blocks: int) -> tuple[list[Tenso
     that moves so are not normalised again. (None, None) when no step asks for it: the paper's
     rule runs exactly as without this function."""
     if not any(s.orthogonal for s in steps):
-        return None, None
-    updates, ranges = orthogonalize.orthogonal_updates(steps)
+        return None, None, None
+    updates, ranges, nuclear = orthogonalize.orthogonal_updates(steps)
     unit = torch.zeros(n_blocks, dtype=torch.bool, device=steps[0].weight.device)
     for base, count in ranges:
         unit[base:base + count] = True  # a fill on the device: nothing read back
-    return [u if u is not None else s.direction for u, s in zip(updates, steps, strict=True)], unit
+    moves = [u if u is not None else s.direction for u, s in zip(updates, steps, strict=True)]
+    if not nuclear:
+        return moves, unit, None
+    vals = torch.zeros(n_blocks, dtype=torch.float64, device=unit.device)
+    mask = torch.zeros_like(unit)
+    for base, inner in nuclear:
+        vals[base:base + len(inner)] = inner.to(vals.dtype)
+        mask[base:base + len(inner)] = True
+    return moves, unit, (mask, vals)
+
+
+def _G_norms(norms_g: Tensor, nuclear) -> Tensor:
+    """The per-block norms G sums: the gradients' Frobenius norms, or under "orthogonal-nuclear"
+    <g(B), O(D(B))> for its matrix blocks (orthogonalize.DIRECTIONS)."""
+    if nuclear is None:
+        return norms_g
+    mask, vals = nuclear
+    return torch.where(mask, vals.to(norms_g.dtype), norms_g)
 
 
 def param_steps(p: Tensor, grad: Tensor, direction: Tensor, assigned, name: str, mult,

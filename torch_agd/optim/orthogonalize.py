@@ -24,7 +24,11 @@ from .blocks import Blocks
 # O(D(B)) / ||O(D(B))||_F, the orthogonal direction at the paper's Frobenius step size (so a block
 # moves by (eta / L) * s(B) in Frobenius norm, as under "frobenius", rather than by up to
 # sqrt(rank) times that). It tells the direction's effect apart from the larger step's.
-DIRECTIONS = ("frobenius", "orthogonal", "orthogonal-normalised")
+# "orthogonal-nuclear" moves as "orthogonal" does, and takes G (so eta) from the first-order
+# term of that move: each matrix block contributes s(B) <g(B), O(D(B))> (its gradient's nuclear
+# norm when D = g) in place of s(B) ||g(B)||_F (docs/rules.md, "G and eta"). A measurement of
+# whether eta should follow the derivation, on unsharded parameters only.
+DIRECTIONS = ("frobenius", "orthogonal", "orthogonal-normalised", "orthogonal-nuclear")
 
 
 def check_direction(direction, where: str = "") -> None:
@@ -118,10 +122,11 @@ def orthogonal_update(d: Tensor, b: Blocks, bias: Tensor | None = None,
     return split(orthogonalise(m.reshape(-1, *m.shape[-2:])).view(m.shape), b, d, bias)
 
 
-def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, list[tuple[int, int]]]:
+def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, list[tuple[int, int]], list]:
     """For a step's ParamSteps (functional.py): the update each one applies (its orthogonalised
-    direction, or None to keep its direction) and the ranges (base, count) of the flat block
-    vector whose blocks now move by O(D(B)), which the step must not normalise again.
+    direction, or None to keep its direction), the ranges (base, count) of the flat block
+    vector whose blocks now move by O(D(B)), which the step must not normalise again, and, for
+    "orthogonal-nuclear", (base, <g(B), O(D(B))> per block) to take G from.
 
     A step is orthogonal where its group asked for it and its rule's blocks are matrices; a bias
     joined to such a step's blocks goes with it, whatever its own group says. Blocks of the same
@@ -134,13 +139,15 @@ def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, 
     for i, s in enumerate(steps):
         if s.placement.blocks.joined and s.placement.base in owners:
             biases.setdefault(s.placement.base, []).append(i)
-    ranges, batches = [], {}
+    ranges, batches, nuclear = [], {}, []
     for base, i in owners.items():
         s = steps[i]
         joined = biases.get(base, [])
         if len(joined) > 1:  # two tensors claiming one column cannot happen through assign_blocks
             raise UsageError(f"{len(joined)} biases join one matrix's blocks; direction='orthogonal' needs one")
         j = joined[0] if joined else None
+        if s.orthogonal == "orthogonal-nuclear" and s.sharded_direction is not None:
+            raise UsageError("direction='orthogonal-nuclear' (a measurement) steps unsharded parameters only")
         d, bias = _whole(s), None if j is None else _whole(steps[j])  # gathered once, if sharded
         m = augmented(d, s.placement.blocks, bias)
         batches.setdefault((m.shape[-2:], m.dtype, m.device), []).append((i, j, m, d, bias))
@@ -152,11 +159,15 @@ def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, 
             s = steps[i]
             if s.orthogonal == "orthogonal-normalised":  # the control: unit Frobenius norm per block
                 part = part / torch.linalg.vector_norm(part, dim=(-2, -1), keepdim=True).clamp_min(_NORM_FLOOR)
+            if s.orthogonal == "orthogonal-nuclear":  # <g(B), O(D(B))>, the gradient laid out as D
+                g = augmented(s.grad, s.placement.blocks, None if j is None else steps[j].grad)
+                inner = (g.reshape(part.shape).to(part.dtype) * part).sum((-2, -1))
+                nuclear.append((s.placement.base, inner.clamp_min(0)))  # a step against g adds nothing
             w, u = split(part.view(m.shape), s.placement.blocks, d, bias)
             updates[i] = _local(w, s)
             if j is not None:
                 updates[j] = _local(u, steps[j])
-    return updates, ranges
+    return updates, ranges, nuclear
 
 
 def _whole(s) -> Tensor:

@@ -164,18 +164,33 @@ def as_matrices(blocks, transposed=False):
     return [(pieces, s, "matrix_t" if transposed else "matrix") for pieces, s in blocks]
 
 
-def reference_orthogonal_step(values, grads, blocks, depth, mults=None, directions=None, orthogonalise=polar_by_svd):
+def reference_orthogonal_step(values, grads, blocks, depth, mults=None, directions=None, orthogonalise=polar_by_svd,
+                              nuclear=False):
     """(new values, eta) after one step of the orthogonal direction over ``blocks``: entries
     (pieces, s) move as in reference_blocks_step (by the direction's block over its Frobenius
     norm); entries (pieces, s, "matrix" | "matrix_t") build the matrix [D(W) | D(b) ...] from
     their pieces, and move by s * O([D(W) | D(b)]), split back. G and eta come from the gradients'
-    Frobenius norms, the moves from ``directions`` (default the gradients). A zero block stays."""
+    Frobenius norms, the moves from ``directions`` (default the gradients). A zero block stays.
+    ``nuclear``: a matrix block adds max(0, <[g(W) | g(b)], O([D(W) | D(b)])>) to G in place of
+    its gradient's Frobenius norm (direction="orthogonal-nuclear")."""
     values = [v.detach().double().clone() for v in values]
     grads = [g.detach().double() for g in grads]
     dirs = grads if directions is None else [d.detach().double() for d in directions]
     mults = mults or [1.0] * len(values)
+    def matrix(arrays, pieces, kind):  # [X(W) | X(b) ...] of a matrix block, as the map
+        (i, idx), *bias = pieces
+        w = _get(arrays[i], idx)
+        w = w.T if kind[0] == "matrix_t" else w
+        return torch.cat([w] + [_get(arrays[j], jdx).reshape(-1, 1) for j, jdx in bias], dim=1), w.shape[1]
+
     G = 0.0
-    for pieces, s, *_ in blocks:
+    for pieces, s, *kind in blocks:
+        if nuclear and kind:
+            o, _ = matrix(dirs, pieces, kind)
+            g, _ = matrix(grads, pieces, kind)
+            if float(o.square().sum()) > 0:
+                G += s * max(0.0, float((g * orthogonalise(o)).sum()))
+            continue
         G += s * math.sqrt(sum(float(_get(grads[i], idx).square().sum()) for i, idx in pieces))
     G /= depth
     eta = math.log((1 + math.sqrt(1 + 4 * G)) / 2)
