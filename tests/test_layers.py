@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "torch_agd"
 LAYERS = (
     ("base",),                     # errors.py, atomic.py: the standard library only
     ("optim", "data", "models"),   # the library: the AGD package (torch_agd/optim/), datasets, networks
-    ("train",),                    # agd train: uses the library
+    ("train", "integrations"),     # agd train, and AGD inside other trainers (torchtitan): use the library
     ("experiments",),              # sweeps, figures, results page: use the trainer, never the reverse
     ("cli",),                      # agd train | sweep | plot
 )
