@@ -64,6 +64,9 @@ def test_the_compare_section_tunes_at_seed_0_and_states_the_target(tmp_path):
     assert ("orthogonal AGD beats tuned Muon (lr 0.01, match_rms_adamw) by 10.0% in validation loss "
             "(beyond the seed spread)") in found
     assert "AGD at its defaults beats Prodigy by 1.3% in validation loss (beyond the seed spread)" in found
+    # a seed-0 control is compared with seed 0 of what it controls (1.51), not the 3-seed mean (1.53)
+    assert ("the control O(D) at the Frobenius size loses to orthogonal AGD by 29.8% in validation loss "
+            "(one seed: no spread measured)") in found
     worse = [f for f in section.findings if f.worse]
     assert {f.worse for f in worse} == {"AGD at its defaults loses to tuned AdamW (lr 0.003)",
                                         "AGD at its defaults loses to tuned Muon (lr 0.01, match_rms_adamw)",

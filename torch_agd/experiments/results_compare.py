@@ -153,12 +153,15 @@ def _findings(model: Model) -> list[Finding]:
     pairs = [("agd-orth", "agd-m0.9", "orthogonal AGD", "AGD with momentum 0.9 (the paper's direction)"),
              ("agd-orth-headfro", "agd-orth", "orthogonal AGD with the head on the paper's rule", "orthogonal AGD with every matrix O(D)"),
              ("agd-orth-normalised", "agd-orth", "the control O(D) at the Frobenius size", "orthogonal AGD"),
-             ("agd-orth-nuc", "agd-orth", "orthogonal AGD with the nuclear eta", "with the Frobenius eta"),
+             ("agd-orth-nuc", "agd-orth", "orthogonal AGD with the nuclear eta", "orthogonal AGD with the Frobenius eta"),
              ("agd-m0.9-gain10", "agd-m0.9", "the control gain 10", "gain 1 (AGD with momentum 0.9)"),
              ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "orthogonal AGD without a schedule")]
     for a, b, a_name, b_name in pairs:
         if a in model.groups and b in model.groups:
-            found.append(compare(model.groups[a], model.groups[b], a_name, b_name, metric=model.metric, worse=False))
+            # a control ran at seed 0 only: compare it with the same seeds of what it controls
+            seeds = {r.param("seed") for r in model.groups[a]}
+            same = [r for r in model.groups[b] if r.param("seed") in seeds] or model.groups[b]
+            found.append(compare(model.groups[a], same, a_name, b_name, metric=model.metric, worse=False))
     return [Finding(f.lead, f.worse, f.tail, topic=model.arch) for f in found]
 
 
