@@ -17,3 +17,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_rank(monkeypatch):
+    """A 1-rank FSDP job in this process, as `agd train --fsdp` starts one without a launcher;
+    closed again after the test."""
+    import torch.distributed as dist
+
+    from test_distributed import LAUNCHER_VARS
+    from torch_agd.train.dist import DistEnv
+
+    for var in LAUNCHER_VARS:
+        monkeypatch.delenv(var, raising=False)
+    env = DistEnv.create(cpu=True, fsdp=True)
+    yield env
+    env.close()
+    assert not dist.is_initialized()

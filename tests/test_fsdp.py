@@ -184,19 +184,6 @@ def test_units_are_layers_residual_blocks_and_transformer_layers():
     assert [type(m).__name__ for m in fsdp.units(tv)] == ["Conv2d", "BatchNorm2d"] + ["BasicBlock"] * 8 + ["Linear"]
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A 1-rank FSDP job in this process, as `agd train --fsdp` starts one without a launcher."""
-    from torch_agd.train.dist import DistEnv
-
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    env = DistEnv.create(cpu=True, fsdp=True)
-    yield env
-    env.close()
-    assert not dist.is_initialized()
-
-
 def _sharded(env, seed: int):
     from torch_agd import AGD, init_weights_
 

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 import meta_init_driver
-from test_distributed import LAUNCHER_VARS, REPO, _env, _free_port
+from test_distributed import REPO, _env, _free_port
 from torch_agd import init_weights_
 from torch_agd.data import DATASETS
 from torch_agd.models import build_model
@@ -139,17 +139,6 @@ def test_what_cannot_be_built_on_meta_says_why_in_one_line():
 
 
 # ------------------------------------------------------------------ the trainer, on a 1-rank FSDP job
-
-
-@pytest.fixture
-def one_rank(monkeypatch):
-    from torch_agd.train.dist import DistEnv
-
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    env = DistEnv.create(cpu=True, fsdp=True)
-    yield env
-    env.close()
 
 
 @needs_gloo

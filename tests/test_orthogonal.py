@@ -88,8 +88,8 @@ def marked(model, blocks):
     return out
 
 
-def orthogonal_case(case, foreach, orthogonalise, seed=0):
-    """One step of AGD(model, direction="orthogonal") on a CASES module, and the reference's."""
+def with_gradients(case, seed=0):
+    """A CASES module in float64 with random gradients, its parameters and its marked blocks."""
     build, blocks_of = CASES[case]
     torch.manual_seed(seed)
     model = build().double()
@@ -97,18 +97,24 @@ def orthogonal_case(case, foreach, orthogonalise, seed=0):
     for p in params:
         p.grad = torch.randn_like(p)
     at = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    blocks = marked(model, blocks_of(model, at))
+    return model, params, marked(model, blocks_of(model, at))
+
+
+def orthogonal_case(case, foreach, orthogonalise, seed=0, direction="orthogonal", **reference):
+    """One step of AGD(model, direction=...) on a CASES module, the reference's (its options
+    ``reference``), and the marked blocks."""
+    model, params, blocks = with_gradients(case, seed)
     expected, eta = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3, mults=[2.5] * len(params),
-                                              orthogonalise=orthogonalise)
-    opt = AGD(model, lr=0.5, gain=5.0, depth=3, foreach=foreach, direction="orthogonal")
+                                              orthogonalise=orthogonalise, **reference)
+    opt = AGD(model, lr=0.5, gain=5.0, depth=3, foreach=foreach, direction=direction)
     opt.step()
-    return model, expected, eta, opt
+    return model, expected, eta, opt, blocks
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
 @pytest.mark.parametrize("case", list(CASES))
 def test_each_rule_takes_the_literal_orthogonal_step(case, foreach):
-    model, expected, eta, opt = orthogonal_case(case, foreach, newton_schulz)
+    model, expected, eta, opt, _ = orthogonal_case(case, foreach, newton_schulz)
     assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
     for (name, p), e in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12, msg=name)
@@ -122,7 +128,7 @@ def test_the_step_is_within_newton_schulz_band_of_the_exact_polar_step(case):
     build, _ = CASES[case]
     torch.manual_seed(0)
     before = [p.detach().clone() for p in build().double().parameters()]
-    model, expected, _, _ = orthogonal_case(case, True, polar_by_svd)
+    model, expected, _, _, _ = orthogonal_case(case, True, polar_by_svd)
     for b, (name, p), e in zip(before, model.named_parameters(), expected, strict=True):
         moved, exact = b - p.detach(), b - e
         assert torch.linalg.vector_norm(moved - exact) <= 0.33 * torch.linalg.vector_norm(exact), name
@@ -440,19 +446,9 @@ def unit_newton_schulz(x):
 def test_the_normalised_control_takes_the_orthogonal_direction_at_the_frobenius_size(case, foreach):
     # direction="orthogonal-normalised": each matrix block moves along O(D(B)) / ||O(D(B))||_F
     # (the literal reference with that orthogonaliser), so its Frobenius size is the paper's.
-    build, blocks_of = CASES[case]
-    torch.manual_seed(0)
-    model = build().double()
-    params = [p for _, p in model.named_parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    at = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    blocks = marked(model, blocks_of(model, at))
+    model, expected, eta, opt, blocks = orthogonal_case(case, foreach, unit_newton_schulz,
+                                                        direction="orthogonal-normalised")
     assert any(len(b) == 3 for b in blocks)  # the case has matrix blocks to normalise
-    expected, eta = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3, mults=[2.5] * len(params),
-                                              orthogonalise=unit_newton_schulz)
-    opt = AGD(model, lr=0.5, gain=5.0, depth=3, foreach=foreach, direction="orthogonal-normalised")
-    opt.step()
     assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
     for (name, p), e in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.detach(), e, rtol=1e-10, atol=1e-12, msg=name)
@@ -492,20 +488,11 @@ def test_agd_head_frobenius_keeps_the_output_head_on_the_papers_rule():
 def test_the_nuclear_eta_takes_G_from_each_matrix_blocks_inner_product_with_its_move(case, foreach):
     # direction="orthogonal-nuclear": the orthogonal move, and G from s(B) <g(B), O(D(B))> of the
     # matrix blocks (their gradients' nuclear norms here, D = g), the Frobenius norms elsewhere.
-    build, blocks_of = CASES[case]
-    torch.manual_seed(0)
-    model = build().double()
-    params = [p for _, p in model.named_parameters()]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    at = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    blocks = marked(model, blocks_of(model, at))
-    expected, eta = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3, mults=[2.5] * len(params),
-                                              orthogonalise=newton_schulz, nuclear=True)
+    model, expected, eta, opt, blocks = orthogonal_case(case, foreach, newton_schulz,
+                                                        direction="orthogonal-nuclear", nuclear=True)
+    _, params, _ = with_gradients(case)  # the same model and gradients, before the step
     _, eta_frobenius = reference_orthogonal_step(params, [p.grad for p in params], blocks, 3,
                                                  orthogonalise=newton_schulz)
-    opt = AGD(model, lr=0.5, gain=5.0, depth=3, foreach=foreach, direction="orthogonal-nuclear")
-    opt.step()
     assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
     has_matrix = any(len(b) == 3 for b in blocks)
     assert (eta > eta_frobenius * (1 + 1e-6)) == has_matrix  # ||g||_nuc > ||g||_F on every matrix of rank > 1

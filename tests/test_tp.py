@@ -160,19 +160,6 @@ def test_a_2x2_checkpoint_resumes_on_one_process(on_2x2, ckpt):
 # ------------------------------------------------------------------ agd train --tp
 
 
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A 1-rank FSDP job in this process, as `agd train --fsdp` starts one without a launcher."""
-    from test_distributed import LAUNCHER_VARS
-    from torch_agd.train.dist import DistEnv
-
-    for var in LAUNCHER_VARS:
-        monkeypatch.delenv(var, raising=False)
-    env = DistEnv.create(cpu=True, fsdp=True)
-    yield env
-    env.close()
-
-
 def _placements(model) -> dict:
     return {n: ([type(pl).__name__ + str(getattr(pl, "dim", "")) for pl in p.placements],
                 list(p.device_mesh.mesh_dim_names)) for n, p in model.named_parameters()}

@@ -211,11 +211,10 @@ def reference_orthogonal_step(values, grads, blocks, depth, mults=None, directio
                 add(i, idx, mults[i] * eta / depth * s * _get(dirs[i], idx) / n)
             continue
         (i, idx), *bias = pieces
-        w = _get(dirs[i], idx)
-        w = w.T if kind[0] == "matrix_t" else w
-        o = orthogonalise(torch.cat([w] + [_get(dirs[j], jdx).reshape(-1, 1) for j, jdx in bias], dim=1))
-        o_w = o[:, :w.shape[1]]
+        d, d_in = matrix(dirs, pieces, kind)
+        o = orthogonalise(d)
+        o_w = o[:, :d_in]
         add(i, idx, mults[i] * eta / depth * s * (o_w.T if kind[0] == "matrix_t" else o_w))
         for c, (j, jdx) in enumerate(bias):
-            add(j, jdx, mults[j] * eta / depth * s * o[:, w.shape[1] + c])
+            add(j, jdx, mults[j] * eta / depth * s * o[:, d_in + c])
     return [v - m for v, m in zip(values, moves, strict=True)], eta
