@@ -5,6 +5,10 @@
 #   SEEDS=5 JOBS=2 scripts/make_results.sh
 #   GRIDS="lr batch batch-steps" scripts/make_results.sh   # some sweeps; the page shows every grid found
 #
+# Runs go to ROOT (checkpoints, not versioned); each finished run's record (config, metrics,
+# summary) is kept in RECORDS (committed), and the page is rendered from RECORDS, so it can be
+# rendered again from a fresh checkout.
+#
 # Each sweep skips runs that already finished, so an interrupted call picks up where it
 # stopped. The four grids of the paper's figures (lr shape batch peers: 105 runs) take about 20
 # CPU-minutes; batch-steps about 10 more; momentum and models take hours (docs/experiments.md
@@ -14,12 +18,13 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
 ROOT=${ROOT:-runs}
+RECORDS=${RECORDS:-records}
 SEEDS=${SEEDS:-3}
 JOBS=${JOBS:-1}
 SCALE=${SCALE:-small}
 GRIDS=${GRIDS:-lr shape batch batch-steps peers momentum models libraries compare}
 
 for grid in $GRIDS; do
-    "$PYTHON" -m torch_agd sweep "$grid" --scale "$SCALE" --seeds "$SEEDS" --jobs "$JOBS" --root "$ROOT"
+    "$PYTHON" -m torch_agd sweep "$grid" --scale "$SCALE" --seeds "$SEEDS" --jobs "$JOBS" --root "$ROOT" --records "$RECORDS"
 done
-"$PYTHON" -m torch_agd.experiments.results "$ROOT" --out docs/results.md --figures docs/figures
+"$PYTHON" -m torch_agd.experiments.results "$RECORDS" --out docs/results.md --figures docs/figures

@@ -103,6 +103,8 @@ CASES = {
     "tied-lm-orthogonal": dict(model="tied-lm", trainer_policy=True, depth_of_the_unsharded_model=True,
                                direction="orthogonal"),
     "mlp-hsdp-orthogonal": dict(model="mlp", hsdp=True, direction="orthogonal"),
+    # each conv group's filters gathered and orthogonalised whole, as one flattened matrix
+    "conv-orthogonal-flattened": dict(model="conv", direction="orthogonal-flattened"),
 }
 
 

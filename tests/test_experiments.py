@@ -157,6 +157,31 @@ def test_interrupted_sweep_restarts_without_repeating_runs(tmp_path, capsys):
     assert "| bs32 | 2/2 |" in table and "| bs4096 | 2/2 |" in table
 
 
+def test_records_keep_each_finished_run_without_its_checkpoint_and_render_the_same_page(tmp_path, capsys):
+    root, records = tmp_path / "runs", tmp_path / "records"
+    first = FakeTrainer(die_at=3)  # two runs finish, the third is killed mid-run
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(_sweep_args("batch", root, seeds=2, records=records), runner=first)
+    kept = sorted(p.name for p in (records / "batch").iterdir() if p.is_dir())
+    assert kept == sorted(Path(_flags(c)["out"]).name for c in first.calls[:2])  # not the killed one
+    # a run finished before --records was given is kept by the next sweep that has it
+    assert sweep.run(_sweep_args("batch", root, seeds=2), runner=FakeTrainer()) == 0
+    assert len([p for p in (records / "batch").iterdir() if p.is_dir()]) == 2
+    assert sweep.run(_sweep_args("batch", root, seeds=2, records=records), runner=FakeTrainer()) == 0
+    names = {s.name for s in sweep.grid_runs("batch", "small", seeds=2)}
+    assert {p.name for p in (records / "batch").iterdir() if p.is_dir()} == names
+    for name in names:
+        assert sorted(p.name for p in (records / "batch" / name).iterdir()) == sorted(sweep.RECORD_FILES)
+        for file in sweep.RECORD_FILES:
+            assert (records / "batch" / name / file).read_bytes() == (root / "batch" / name / file).read_bytes()
+    assert rundirs.read_manifest(records / "batch") == rundirs.read_manifest(root / "batch")
+    page = {}
+    for where in (root, records):
+        grids = results.read_grids(where)
+        page[where] = results.render_markdown(Path("runs"), grids, {"batch": "figures/batch.png"}, ["batch"])
+    assert page[root] == page[records] and "Not yet run" not in page[records]
+
+
 def test_failed_runs_are_reported_and_retried(tmp_path, capsys):
     def failing(argv, log_path):
         return 3

@@ -185,13 +185,27 @@ class ConvNet(nn.Module):
         return marked(self, b + weight_blocks(at["fc.weight"], self.fc.weight.shape, bias=at["fc.bias"]))
 
 
-def conv_steps(foreach, momentum=0.0, steps=3, dtype=torch.float64, maximize=False):
+def filter_banks(blocks):
+    """The flattened filter banks of direction="orthogonal-flattened", written from the literal
+    blocks: the indices of the matrix blocks of one weight tensor and one conv group (its kernel
+    positions), in order; a linear layer's one block is a bank of one."""
+    banks = {}
+    for number, (pieces, _, *kind) in enumerate(blocks):
+        if kind:
+            i, idx = pieces[0]
+            banks.setdefault((i, idx[0].start), []).append(number)
+    return list(banks.values())
+
+
+def conv_steps(foreach, momentum=0.0, steps=3, dtype=torch.float64, maximize=False, direction="orthogonal"):
     """(net after ``steps`` steps of the orthogonal direction, the reference's weights, eta)."""
     torch.manual_seed(0)
     net = ConvNet().to(dtype)
     ref = [p.detach().double().clone() for p in net.parameters()]
     bufs = [torch.zeros_like(p) for p in ref]
-    opt = AGD(net, foreach=foreach, momentum=momentum, direction="orthogonal", maximize=maximize)
+    opt = AGD(net, foreach=foreach, momentum=momentum, direction=direction, maximize=maximize)
+    banks = filter_banks(net.blocks()) if direction == "orthogonal-flattened" else ()
+    assert not banks or max(map(len, banks)) == 9 and min(map(len, banks)) == 1  # 3 x 3 filters, a linear head
     x, y = torch.randn(4, 3, 7, 7, dtype=dtype), torch.randn(4, 5, dtype=dtype)
     for _ in range(steps):
         opt.zero_grad()
@@ -201,7 +215,7 @@ def conv_steps(foreach, momentum=0.0, steps=3, dtype=torch.float64, maximize=Fal
         dirs = [g + momentum * m for g, m in zip(grads, bufs, strict=True)]
         mults = [-1.0 if maximize else 1.0] * len(ref)
         ref, eta = reference_orthogonal_step(ref, grads, net.blocks(), opt.depth, mults=mults, directions=dirs,
-                                             orthogonalise=newton_schulz)
+                                             orthogonalise=newton_schulz, filters=banks)
         opt.step()
         with torch.no_grad():  # follow the reference from the optimizer's own weights
             for p, r in zip(net.parameters(), ref, strict=True):
@@ -216,6 +230,31 @@ def conv_steps(foreach, momentum=0.0, steps=3, dtype=torch.float64, maximize=Fal
 @pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain", "nesterov"])
 def test_a_conv_net_takes_the_literal_orthogonal_steps(foreach, momentum):
     conv_steps(foreach, momentum)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["plain", "nesterov"])
+def test_flattened_filters_take_the_literal_steps_of_whole_filter_banks(foreach, momentum):
+    # Each conv group's 3 x 3 positions orthogonalised side by side (joined, grouped, transposed
+    # convs), scaled by sqrt(9); the head, one block, moves as under "orthogonal".
+    flat, _ = conv_steps(foreach, momentum, direction="orthogonal-flattened")
+    per_position, _ = conv_steps(foreach, momentum, steps=3)
+    moved = {n: (p - q).abs().max().item() for (n, p), (_, q) in
+             zip(flat.named_parameters(), per_position.named_parameters(), strict=True)}
+    assert moved["conv.weight"] > 1e-3 and moved["gconv.weight"] > 1e-3  # not the per-position step
+
+
+def test_flattened_filters_of_a_linear_layer_are_the_orthogonal_step():
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    x = torch.randn(5, 6, dtype=torch.float64)
+    for net, direction in zip(nets, ["orthogonal", "orthogonal-flattened"], strict=True):
+        opt = AGD(net, direction=direction)
+        net(x).square().sum().backward()
+        opt.step()
+    for p, q in zip(*(net.parameters() for net in nets), strict=True):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -304,12 +343,12 @@ def test_functional_agd_takes_the_same_orthogonal_step():
     agd(b, gs, rules=["weight", "weight", "embedding"], depth=3, direction="orthogonal")
     for p, q in zip(a, b, strict=True):
         torch.testing.assert_close(p.detach(), q, rtol=1e-6, atol=1e-7)
-    with pytest.raises(UsageError, match="direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', 'orthogonal-nuclear', got 'muon'"):
+    with pytest.raises(UsageError, match="direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', 'orthogonal-nuclear', 'orthogonal-flattened', got 'muon'"):
         agd(b, gs, direction="muon")
 
 
 def test_direction_is_per_group_checked_and_survives_state_dict():
-    with pytest.raises(UsageError, match=r"^AGD direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', 'orthogonal-nuclear', got 'svd'$"):
+    with pytest.raises(UsageError, match=r"^AGD direction must be one of 'frobenius', 'orthogonal', 'orthogonal-normalised', 'orthogonal-nuclear', 'orthogonal-flattened', got 'svd'$"):
         AGD([torch.randn(3, 3, requires_grad=True)], direction="svd")
     with pytest.raises(UsageError, match="direction of param group 1"):
         AGD([{"params": [torch.randn(3, 3, requires_grad=True)]},

@@ -284,6 +284,10 @@ COMPARE_CONTROLS = {
     # the tuned optimizers get it too, at their tuned lr (compare_configs).
     "agd-orth-linear": (*_ORTH, "--momentum", "0.9", "--schedule", "linear"),
 }
+# On the models with convolutions (the ViT's patch embedding is one), conv filters flattened whole
+# as Muon orthogonalises them, against the paper's blocks (one per kernel position).
+CONV_MODELS = ("tv-vit", "cnn", "tv-resnet18")
+CONV_CONTROLS = {"agd-orth-flat": ("--optimizer", "agd", "--agd-direction", "orthogonal-flattened", "--momentum", "0.9")}
 # AdamW's lrs: the FCN and the CNN (bias-free, square loss) tuned lower than the others.
 COMPARE_ADAMW_LRS = {"fcn": (1e-4, 3e-4, 1e-3, 3e-3), "cnn": (1e-4, 3e-4, 1e-3, 3e-3)}
 # Muon's lr per --muon-adjust-lr, each range wide enough to hold the best lr inside it with a value
@@ -338,7 +342,8 @@ def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
     if seed > 0:
         return {**COMPARE_METHODS, **tuned}
     linear = {f"{name}-linear": (*flags, "--schedule", "linear") for name, flags in tuned.items()}
-    return {**COMPARE_METHODS, **COMPARE_CONTROLS, **lrs, **linear}
+    controls = {**COMPARE_CONTROLS, **(CONV_CONTROLS if model in CONV_MODELS else {})}
+    return {**COMPARE_METHODS, **controls, **lrs, **linear}
 
 
 def _compare_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:

@@ -39,6 +39,7 @@ CONTROLS = {
     "agd-orth-nuc": "orthogonal AGD, eta from the nuclear norm (<g, O(D)>) in place of the Frobenius",
     "agd-m0.9-gain10": "control: the paper's direction at gain 10, momentum 0.9",
     "agd-orth-linear": "orthogonal AGD, linear decay of the lr multiplier to 0",
+    "agd-orth-flat": "orthogonal AGD, conv filters flattened whole (as Muon) in place of one block per kernel position",
 }
 # The candidates for the shipped default, each compared with every tuned optimizer and peer.
 CANDIDATES = (("agd", "AGD at its defaults"), ("agd-orth", "orthogonal AGD"),
@@ -155,7 +156,8 @@ def _findings(model: Model) -> list[Finding]:
              ("agd-orth-normalised", "agd-orth", "the control O(D) at the Frobenius size", "orthogonal AGD"),
              ("agd-orth-nuc", "agd-orth", "orthogonal AGD with the nuclear eta", "orthogonal AGD with the Frobenius eta"),
              ("agd-m0.9-gain10", "agd-m0.9", "the control gain 10", "gain 1 (AGD with momentum 0.9)"),
-             ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "orthogonal AGD without a schedule")]
+             ("agd-orth-linear", "agd-orth", "orthogonal AGD with a linear decay", "orthogonal AGD without a schedule"),
+             ("agd-orth-flat", "agd-orth", "orthogonal AGD with conv filters flattened", "one block per kernel position")]
     for a, b, a_name, b_name in pairs:
         if a in model.groups and b in model.groups:
             # a control ran at seed 0 only: compare it with the same seeds of what it controls

@@ -6,6 +6,11 @@ flight. Re-running a sweep skips runs that wrote summary.json, resumes (``--resu
 left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's flags, so a
 second sweep with other settings into the same directory is refused instead of silently mixed.
 
+``--records DIR`` keeps a copy of each finished run's record (config.json, metrics.jsonl,
+summary.json: a few kB, no checkpoint) and of sweep.json under DIR/NAME/, for committing: ROOT
+holds checkpoints and is not versioned, so a results page rendered from DIR survives a fresh
+checkout (the compare page renders from records/, as scripts/make_results.sh does).
+
 The grids (lr, shape, batch, peers, batch-steps, momentum, models, libraries, compare) and their scales are defined
 in grids.py.
 """
@@ -24,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Callable, Sequence
 
+from torch_agd.atomic import atomic_write_bytes
 from torch_agd.errors import UsageError
 from torch_agd.experiments.grids import GRIDS, SCALES, RunSpec, grid_runs
 from torch_agd.experiments.runs import (
@@ -89,6 +95,15 @@ def _check_manifest(sweep_dir: Path, name: str, scale: str, specs: Sequence[RunS
     return manifest
 
 
+RECORD_FILES = (rundir.CONFIG, rundir.METRICS, rundir.SUMMARY)  # what a results page reads of a run
+
+
+def keep_record(run_dir: Path, records: Path) -> None:
+    """Copy a finished run's record (RECORD_FILES) to records/<run>/, each file atomically."""
+    for name in RECORD_FILES:
+        atomic_write_bytes(records / run_dir.name / name, (run_dir / name).read_bytes())
+
+
 @dataclass
 class SweepOutcome:
     skipped: list[str]
@@ -97,17 +112,24 @@ class SweepOutcome:
 
 
 def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *,
-              scale: str = "small", jobs: int = 1, log: Callable[[str], None] = print) -> SweepOutcome:
-    """Run what is left of ``specs`` into root/name/; ``jobs`` runs at a time."""
+              scale: str = "small", jobs: int = 1, log: Callable[[str], None] = print,
+              records: Path | None = None) -> SweepOutcome:
+    """Run what is left of ``specs`` into root/name/; ``jobs`` runs at a time. ``records``: keep
+    each finished run's record under records/name/ (keep_record), those finished before too."""
     sweep_dir = Path(root) / name
     manifest = _check_manifest(sweep_dir, name, scale, specs)
     rundir.write_json(sweep_dir / SWEEP_MANIFEST, manifest)
+    kept = None if records is None else Path(records) / name
+    if kept is not None:  # the records' own manifest: every run listed, whether or not kept yet
+        rundir.write_json(kept / SWEEP_MANIFEST, _check_manifest(kept, name, scale, specs))
     outcome = SweepOutcome([], [], [])
     todo = []
     for spec in specs:
         state = run_state(sweep_dir / spec.name)
         if state == "done":
             outcome.skipped.append(spec.name)
+            if kept is not None:
+                keep_record(sweep_dir / spec.name, kept)
         else:
             todo.append((spec, state))
     log(f"sweep {name}: {len(specs)} runs, {len(outcome.skipped)} already finished, "
@@ -133,6 +155,8 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
                 count += 1
                 ok = status == 0 and run_state(sweep_dir / spec.name) == "done"
                 (outcome.finished if ok else outcome.failed).append(spec.name)
+                if ok and kept is not None:
+                    keep_record(sweep_dir / spec.name, kept)
                 verdict = "done" if ok else f"FAILED (exit {status}; see logs/{spec.name}.log)"
                 log(f"[{count}/{len(todo)}] {spec.name}: {verdict} in {seconds:.1f}s")
                 running |= {pool.submit(launch, *item) for item in islice(queue, 1)}
@@ -161,6 +185,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per configuration (0..N-1)")
     parser.add_argument("--root", type=Path, default=Path("runs"),
                         help="runs go to ROOT/NAME/<run>/ (default runs)")
+    parser.add_argument("--records", type=Path, default=None, metavar="DIR",
+                        help="also keep each finished run's config, metrics and summary (no checkpoint) "
+                             "under DIR/NAME/, to commit and render results from (e.g. records)")
     parser.add_argument("--dataset", default=None, help="override the scale's dataset")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the scale's epochs (lr, shape, batch, peers; batch-steps: its steps follow)")
@@ -200,7 +227,7 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
             print(f"{state:6}  agd train {' '.join(spec.argv)} --out {sweep_dir / spec.name}")
         return 0
     outcome = run_sweep(args.name, specs, args.root, runner or SubprocessRunner(args.threads),
-                        scale=args.scale, jobs=args.jobs)
+                        scale=args.scale, jobs=args.jobs, records=args.records)
     runs = [load_run(sweep_dir / spec.name) for spec in specs if has_metrics(sweep_dir / spec.name)]
     if runs:
         print(summary_table(runs))

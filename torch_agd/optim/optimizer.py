@@ -96,7 +96,10 @@ class AGD(Optimizer):
             (eta / L) * s(B); embeddings, norms, raw parameters keep the Frobenius rule, and G
             and eta are computed as before. A joined bias moves with its layer's direction.
             "orthogonal-normalised" is a control for measurements: O(D(B)) / ||O(D(B))||_F, the
-            orthogonal direction at the paper's Frobenius step size.
+            orthogonal direction at the paper's Frobenius step size. "orthogonal-flattened"
+            orthogonalises each conv group's filters whole, [B_1 | ... | B_K] by sqrt(K) s(B)
+            O([D(B_1) | ... | D(B_K)]), as Muon flattens them; "orthogonal-nuclear" takes eta
+            from the matrix blocks' <g, O(D)> (docs/rules.md).
 
     After a step, ``eta`` is the 0-d tensor eta (before lr and gain) that the step used (0 for a
     step skipped because G was not finite), ``skipped_steps`` counts those skips and ``steps``

@@ -14,6 +14,8 @@ its last column back (docs/rules.md, "The orthogonal direction").
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -28,7 +30,14 @@ from .blocks import Blocks
 # term of that move: each matrix block contributes s(B) <g(B), O(D(B))> (its gradient's nuclear
 # norm when D = g) in place of s(B) ||g(B)||_F (docs/rules.md, "G and eta"). A measurement of
 # whether eta should follow the derivation, on unsharded parameters only.
-DIRECTIONS = ("frobenius", "orthogonal", "orthogonal-normalised", "orthogonal-nuclear")
+# "orthogonal-flattened" orthogonalises a conv's filters whole, as Muon does, rather than each
+# kernel position's block: per conv group, the K blocks side by side, [B_1 | ... | B_K] (d_out x
+# K d_in, each with its joined bias column), move by sqrt(K) s(B) O([D(B_1) | ... | D(B_K)]).
+# sqrt(K) s(B) is that matrix's operator norm at initialisation (K semi-orthogonal blocks of
+# scale s side by side), so the flattened filter bank spends its own budget, and the move's
+# Frobenius size equals the per-position one's when d_out <= d_in. Kinds with one block per
+# map (linear layers, attention, experts) move exactly as under "orthogonal".
+DIRECTIONS = ("frobenius", "orthogonal", "orthogonal-normalised", "orthogonal-nuclear", "orthogonal-flattened")
 
 
 def check_direction(direction, where: str = "") -> None:
@@ -114,12 +123,30 @@ def split(o: Tensor, b: Blocks, d: Tensor, bias: Tensor | None = None) -> tuple[
     return w, u
 
 
+def as_batch(m: Tensor, flattened: bool = False) -> Tensor:
+    """The matrices Newton–Schulz acts on, (n, rows, cols), from augmented blocks m (row_blocks,
+    k, d_out, cols): each block; or, ``flattened``, each row block's k blocks side by side."""
+    if flattened:
+        return m.permute(0, 2, 1, 3).reshape(m.shape[0], m.shape[2], -1)
+    return m.reshape(-1, *m.shape[-2:])
+
+
+def from_batch(o: Tensor, shape: torch.Size, flattened: bool = False) -> Tensor:
+    """as_batch's inverse: O of the batch back to blocks of ``shape``; a flattened bank's O is
+    scaled by sqrt(k), its operator norm at initialisation in units of s(B)."""
+    if flattened:
+        k = shape[1]
+        return o.view(shape[0], shape[2], k, shape[3]).permute(0, 2, 1, 3) * math.sqrt(k)
+    return o.view(shape)
+
+
 def orthogonal_update(d: Tensor, b: Blocks, bias: Tensor | None = None,
-                      orthogonalise=newton_schulz) -> tuple[Tensor, Tensor | None]:
+                      orthogonalise=newton_schulz, flattened: bool = False) -> tuple[Tensor, Tensor | None]:
     """O(D(B)) of every block of one tensor's direction ``d`` (with its joined ``bias``), in one
-    batched chain over all its kernel positions, conv groups, q/k/v or experts."""
+    batched chain over all its kernel positions, conv groups, q/k/v or experts (``flattened``:
+    over its conv groups, each group's kernel positions side by side)."""
     m = augmented(d, b, bias)
-    return split(orthogonalise(m.reshape(-1, *m.shape[-2:])).view(m.shape), b, d, bias)
+    return split(from_batch(orthogonalise(as_batch(m, flattened)), m.shape, flattened), b, d, bias)
 
 
 def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, list[tuple[int, int]], list]:
@@ -150,20 +177,22 @@ def orthogonal_updates(steps: list, orthogonalise=newton_schulz) -> tuple[list, 
             raise UsageError("direction='orthogonal-nuclear' (a measurement) steps unsharded parameters only")
         d, bias = _whole(s), None if j is None else _whole(steps[j])  # gathered once, if sharded
         m = augmented(d, s.placement.blocks, bias)
-        batches.setdefault((m.shape[-2:], m.dtype, m.device), []).append((i, j, m, d, bias))
+        x = as_batch(m, s.orthogonal == "orthogonal-flattened")
+        batches.setdefault((x.shape[-2:], x.dtype, x.device), []).append((i, j, m, x, d, bias))
         ranges.append((base, s.placement.blocks.count))
     for members in batches.values():
-        flat = [m.reshape(-1, *m.shape[-2:]) for _, _, m, _, _ in members]
+        flat = [x for _, _, _, x, _, _ in members]
         o = orthogonalise(torch.cat(flat) if len(flat) > 1 else flat[0])
-        for (i, j, m, d, bias), part in zip(members, o.split([len(f) for f in flat]), strict=True):
+        for (i, j, m, _, d, bias), part in zip(members, o.split([len(f) for f in flat]), strict=True):
             s = steps[i]
+            part = from_batch(part, m.shape, s.orthogonal == "orthogonal-flattened")
             if s.orthogonal == "orthogonal-normalised":  # the control: unit Frobenius norm per block
                 part = part / torch.linalg.vector_norm(part, dim=(-2, -1), keepdim=True).clamp_min(_NORM_FLOOR)
             if s.orthogonal == "orthogonal-nuclear":  # <g(B), O(D(B))>, the gradient laid out as D
                 g = augmented(s.grad, s.placement.blocks, None if j is None else steps[j].grad)
-                inner = (g.reshape(part.shape).to(part.dtype) * part).sum((-2, -1))
+                inner = (g.to(part.dtype) * part).sum((-2, -1)).reshape(-1)  # per block, in block order
                 nuclear.append((s.placement.base, inner.clamp_min(0)))  # a step against g adds nothing
-            w, u = split(part.view(m.shape), s.placement.blocks, d, bias)
+            w, u = split(part, s.placement.blocks, d, bias)
             updates[i] = _local(w, s)
             if j is not None:
                 updates[j] = _local(u, steps[j])

@@ -165,14 +165,17 @@ def as_matrices(blocks, transposed=False):
 
 
 def reference_orthogonal_step(values, grads, blocks, depth, mults=None, directions=None, orthogonalise=polar_by_svd,
-                              nuclear=False):
+                              nuclear=False, filters=()):
     """(new values, eta) after one step of the orthogonal direction over ``blocks``: entries
     (pieces, s) move as in reference_blocks_step (by the direction's block over its Frobenius
     norm); entries (pieces, s, "matrix" | "matrix_t") build the matrix [D(W) | D(b) ...] from
     their pieces, and move by s * O([D(W) | D(b)]), split back. G and eta come from the gradients'
     Frobenius norms, the moves from ``directions`` (default the gradients). A zero block stays.
     ``nuclear``: a matrix block adds max(0, <[g(W) | g(b)], O([D(W) | D(b)])>) to G in place of
-    its gradient's Frobenius norm (direction="orthogonal-nuclear")."""
+    its gradient's Frobenius norm (direction="orthogonal-nuclear"). ``filters``: lists of indices
+    of matrix blocks (a conv group's kernel positions) moved as one flattened matrix, their
+    matrices side by side, by sqrt(len) * s * O of it, split back (direction="orthogonal-flattened");
+    G is unchanged."""
     values = [v.detach().double().clone() for v in values]
     grads = [g.detach().double() for g in grads]
     dirs = grads if directions is None else [d.detach().double() for d in directions]
@@ -202,19 +205,28 @@ def reference_orthogonal_step(values, grads, blocks, depth, mults=None, directio
         else:
             moves[i][idx] += step
 
-    for pieces, s, *kind in blocks:
+    def move(pieces, kind, o, s):  # a matrix block's move: s * o, the columns back to their pieces
+        (i, idx), *bias = pieces
+        d_in = o.shape[1] - len(bias)
+        add(i, idx, mults[i] * eta / depth * s * (o[:, :d_in].T if kind[0] == "matrix_t" else o[:, :d_in]))
+        for c, (j, jdx) in enumerate(bias):
+            add(j, jdx, mults[j] * eta / depth * s * o[:, d_in + c])
+
+    banked = {b for bank in filters for b in bank}
+    for bank in filters:  # [D(B_1) | ... | D(B_K)], orthogonalised whole
+        parts = [matrix(dirs, blocks[b][0], blocks[b][2:])[0] for b in bank]
+        if float(sum(part.square().sum() for part in parts)) == 0:
+            continue
+        o = orthogonalise(torch.cat(parts, dim=1)) * math.sqrt(len(bank))
+        for b, cols in zip(bank, o.split([part.shape[1] for part in parts], dim=1), strict=True):
+            move(blocks[b][0], blocks[b][2:], cols, blocks[b][1])
+    for number, (pieces, s, *kind) in enumerate(blocks):
         n = math.sqrt(sum(float(_get(dirs[i], idx).square().sum()) for i, idx in pieces))
-        if n == 0:
+        if n == 0 or number in banked:
             continue
         if not kind:
             for i, idx in pieces:
                 add(i, idx, mults[i] * eta / depth * s * _get(dirs[i], idx) / n)
             continue
-        (i, idx), *bias = pieces
-        d, d_in = matrix(dirs, pieces, kind)
-        o = orthogonalise(d)
-        o_w = o[:, :d_in]
-        add(i, idx, mults[i] * eta / depth * s * (o_w.T if kind[0] == "matrix_t" else o_w))
-        for c, (j, jdx) in enumerate(bias):
-            add(j, jdx, mults[j] * eta / depth * s * o[:, d_in + c])
+        move(pieces, kind, orthogonalise(matrix(dirs, pieces, kind)[0]), s)
     return [v - m for v, m in zip(values, moves, strict=True)], eta
