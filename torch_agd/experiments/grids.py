@@ -294,6 +294,9 @@ COMPARE_ADAMW_LRS = {"fcn": (1e-4, 3e-4, 1e-3, 3e-3), "cnn": (1e-4, 3e-4, 1e-3, 
 # on either side: match_rms_adamw scales the update to AdamW's RMS (so the range is centred on
 # AdamW's lrs), original is Keller Jordan's scaling (default lr 0.02, so a decade around it).
 MUON_LRS = {"match_rms_adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "original": (3e-3, 1e-2, 3e-2, 1e-1)}
+# A model whose best Muon lr fell on the edge of MUON_LRS at seed 0 gets the next lr beyond it
+# (the FCN: best at the lowest lr of both, 3e-4 and 3e-3).
+MUON_EXTRA_LRS = {"fcn": {"match_rms_adamw": (1e-4,), "original": (1e-3,)}}
 MUON_ADJUST_TAGS = {"match_rms_adamw": "rms", "original": "orig"}
 # Each model's AdamW part of Muon (embeddings, head, biases, norms) runs at the model's tuned Adam(W)
 # lr of the earlier tables (docs/results.md, small scale): Adam's on the FCN and CNN (these
@@ -308,10 +311,17 @@ COMPARE_TUNED: dict[str, tuple[str, ...]] = {
 }
 
 
-def _muon_configs(aux_lr: float) -> dict[str, tuple[str, ...]]:
+def muon_lrs(model: str) -> dict[str, tuple[float, ...]]:
+    """Muon's lrs on ``model`` per adjustment, ascending: MUON_LRS and the model's MUON_EXTRA_LRS."""
+    extra = MUON_EXTRA_LRS.get(model, {})
+    return {adjust: tuple(sorted({*lrs, *extra.get(adjust, ())})) for adjust, lrs in MUON_LRS.items()}
+
+
+def _muon_configs(model: str) -> dict[str, tuple[str, ...]]:
+    aux_lr = MUON_AUX_LRS[model]
     return {f"muon-{MUON_ADJUST_TAGS[adjust]}-{_lr_tag(lr)}": ("--optimizer", "muon", "--muon-adjust-lr", adjust,
                                                                "--lr", f"{lr:g}", "--aux-lr", f"{aux_lr:g}")
-            for adjust, lrs in MUON_LRS.items() for lr in lrs}
+            for adjust, lrs in muon_lrs(model).items() for lr in lrs}
 
 
 def _compare_models(s: Scale, dataset: str) -> list[tuple[str, tuple[str, ...]]]:
@@ -337,7 +347,7 @@ def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
     seeds the lr each chose at seed 0 (COMPARE_TUNED)."""
     lrs = {f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}")
            for lr in COMPARE_ADAMW_LRS.get(model, ADAMW_LRS)}
-    lrs |= _muon_configs(MUON_AUX_LRS[model])
+    lrs |= _muon_configs(model)
     tuned = {name: lrs[name] for name in COMPARE_TUNED.get(model, ())}
     if seed > 0:
         return {**COMPARE_METHODS, **tuned}
