@@ -300,10 +300,15 @@ def test_an_lr_scheduler_drives_every_part():
 # ------------------------------------------------------------------ the compare grid
 
 
-def _budget(argv):
-    """A run's flags less the optimizer's and the seed: model, data, loss, batch sizes, budget."""
+def _arg_of(spec, flag):
+    return spec.argv[spec.argv.index(flag) + 1]
+
+
+def _budget(argv, drop=()):
+    """A run's flags less the optimizer's and the seed (and ``drop``): model, data, loss, batch
+    sizes, budget."""
     drop = {"--optimizer", "--lr", "--aux-lr", "--muon-adjust-lr", "--seed", "--momentum", "--momentum-form",
-            "--agd-direction", "--agd-head", "--gain", "--schedule"}
+            "--agd-direction", "--agd-head", "--gain", "--schedule", *drop}
     out, it = [], iter(argv)
     for flag in it:
         value = next(it)
@@ -322,7 +327,8 @@ def test_the_compare_grid_tunes_both_muon_adjustments_at_the_budgets_of_each_mod
     specs = grids.grid_runs("compare", scale, seeds=1)
     assert {s.argv[s.argv.index("--arch") + 1] for s in specs} == set(MODEL_TABLES)
     for model, table in MODEL_TABLES.items():
-        mine = [s for s in specs if s.name.startswith(f"{model}-") and s.argv[s.argv.index("--arch") + 1] == model]
+        mine = [s for s in specs if grids.compare_table(s.name) == model]
+        assert all(s.argv[s.argv.index("--arch") + 1] == model for s in mine)
         runs = [s for s in mine if s.name.startswith(f"{model}-muon-") and not s.name.endswith("-linear-s0")]
         # the FCN's best Muon lrs fell on the low edge of both grids at seed 0: one more lr below each
         wider = model == "fcn"
@@ -340,6 +346,16 @@ def test_the_compare_grid_tunes_both_muon_adjustments_at_the_budgets_of_each_mod
         other = next(s for s in grids.grid_runs(table, scale, seeds=1)
                      if s.name.startswith(f"{model}-") and ("-adam" in s.name))
         assert len(mine) >= 23 and all(_budget(s.argv) == _budget(other.argv) for s in mine), (model, other.name)
+    # the ViT and the LM again at 3x their steps, as tables of their own; the LM's tuned lrs go with it
+    for table, model in grids.COMPARE_LONGER.items():
+        longer = [s for s in specs if grids.compare_table(s.name) == table]
+        assert longer and all(s.argv[s.argv.index("--arch") + 1] == model for s in longer)
+        base = next(s for s in specs if s.name == f"{model}-agd-s0")
+        assert {_arg_of(s, "--steps") for s in longer} == {str(3 * int(_arg_of(base, "--steps")))}
+        assert all(_budget(s.argv, drop=("--steps",)) == _budget(base.argv, drop=("--steps",)) for s in longer)
+    assert {s.name for s in specs if grids.compare_table(s.name) == "charlm-3x"} == {
+        f"charlm-3x-{c}-s0" for c in (*grids.COMPARE_METHODS, "adamw-lr3e-03", "muon-rms-lr1e-02", "agd-orth-linear",
+                                      "adamw-lr3e-03-linear", "muon-rms-lr1e-02-linear")}
     by_name = {spec.name: spec for spec in specs}
     assert "tv-vit-muon-rms-lr1e-03-s0" in by_name and "charlm-muon-orig-lr1e-01-s0" in by_name
     assert by_name["charlm-agd-orth-headfro-s0"].argv[-8:] == (
@@ -352,15 +368,17 @@ def test_the_compare_grid_reruns_methods_and_tuned_lrs_at_later_seeds_model_by_m
     monkeypatch.setattr(grids, "COMPARE_TUNED", {"charlm": ("adamw-lr3e-03", "muon-rms-lr1e-02")})
     specs = grids.grid_runs("compare", "small", seeds=3)
     archs = [s.argv[s.argv.index("--arch") + 1] for s in specs]
-    assert archs == sorted(archs, key=grids.COMPARE_MODELS.index)  # model-major
-    lm = [s.name for s in specs if archs[specs.index(s)] == "charlm"]
+    tables = [grids.compare_table(s.name) for s in specs]
+    assert tables == sorted(tables, key=grids.COMPARE_MODELS.index)  # model-major, the longer budgets last
+    assert tables[-1] == "charlm-3x" and archs[-1] == "charlm"
+    lm = [s.name for s in specs if tables[specs.index(s)] == "charlm"]
     later = {n[:-3] for n in lm if not n.endswith("-s0")}
     assert later == {f"charlm-{c}" for c in (*grids.COMPARE_METHODS, "adamw-lr3e-03", "muon-rms-lr1e-02")}
     assert [n for n in lm if n.endswith("-s1")] == [n[:-3] + "-s1" for n in lm if n.endswith("-s0")
                                                      and n[:-3] in later]
     assert {"charlm-adamw-lr3e-03-linear-s0", "charlm-muon-rms-lr1e-02-linear-s0", "charlm-agd-orth-linear-s0",
             "charlm-agd-orth-normalised-s0", "charlm-agd-m0.9-gain10-s0"} <= set(lm)
-    vit_later = {s.name[:-3] for s in specs if s.name.startswith("tv-vit-") and s.name.endswith("-s2")}
+    vit_later = {s.name[:-3] for s in specs if grids.compare_table(s.name) == "tv-vit" and s.name.endswith("-s2")}
     assert vit_later == {f"tv-vit-{c}" for c in grids.COMPARE_METHODS}  # no tuned lr known: methods only
     linear = next(s for s in specs if s.name == "charlm-muon-rms-lr1e-02-linear-s0")
     assert linear.argv[linear.argv.index("--schedule") + 1] == "linear"

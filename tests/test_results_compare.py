@@ -95,3 +95,23 @@ def test_the_compare_figure_has_a_panel_per_model(tmp_path):
     _write(tmp_path / "a", LM)
     fig = results_compare.figure(find_runs([tmp_path / "a"]), "t")
     assert [ax.get_title() for ax in fig.axes] == ["charlm"]
+
+
+def test_a_longer_budget_is_a_table_of_its_own_with_the_lrs_tuned_at_the_shorter_one(tmp_path):
+    _write(tmp_path, LM)
+    longer = {"agd": (2.0, 2.1, 2.2), "agd-orth": (1.30, 1.31, 1.32), "adamw-lr3e-03": (1.80, 1.81, 1.82),
+              "muon-rms-lr1e-02": (1.40, 1.41, 1.42), "schedulefree": (1.9, 1.9, 1.9), "agd-orth-linear": (1.25,)}
+    names = _write(tmp_path, longer, arch="charlm-3x")
+    assert len(names) == 16
+    section = results_compare.render_compare(find_runs([tmp_path]))
+    text = section.text
+    # the 300-step table first, then its own table at 900 steps, the same arch
+    assert text.index("### charlm on stdlib, 300 steps") < text.index("### charlm on stdlib, 900 steps") > 0
+    tail = text[text.index("### charlm on stdlib, 900 steps"):]
+    assert "| adamw-lr3e-03 | tuned AdamW (lr 0.003) | 3 | 1.8100 ± 0.0100 |" in tail
+    assert "- AdamW at seed 0, by lr: 0.003: 1.8000 (the lr tuned at the shorter budget, not tuned again here)." in tail
+    assert "edge" not in tail and "| agd-orth-linear | orthogonal AGD, linear decay of the lr multiplier to 0 | 1 | 1.2500 |" in tail
+    topics = {f.topic for f in section.findings}
+    assert topics == {"charlm", "charlm-3x"}
+    assert ("orthogonal AGD beats tuned Muon (lr 0.01, match_rms_adamw) by 7.1% in validation loss (beyond the seed "
+            "spread)") in {f.text for f in section.findings if f.topic == "charlm-3x"}

@@ -262,7 +262,18 @@ def _libraries_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
 # time of this machine goes to the rows a default is decided from.
 # The LM and the ViT first, as issue 21 asks; the torchvision ResNet-18 last (the costliest here:
 # Muon's Newton-Schulz on its 512 x 4608 filter banks adds about 0.8 s a step on this CPU).
-COMPARE_MODELS = ("charlm", "tv-vit", "fcn", "cnn", "tv-resnet18")
+# Each entry is a table; the "-3x" tables are the ViT and the LM at three times their steps (short
+# budgets favour some methods): the methods, and AdamW and Muon at the lr each chose at the shorter
+# budget (COMPARE_TUNED of the base model; not tuned again: 3x the CPU time per run), with and
+# without the linear schedule. They run after every 1x table.
+COMPARE_LONGER = {"tv-vit-3x": "tv-vit", "charlm-3x": "charlm"}  # table -> its model at 1x
+COMPARE_MODELS = ("charlm", "tv-vit", "fcn", "cnn", "tv-resnet18", *COMPARE_LONGER)
+
+
+def compare_table(run_name: str) -> str | None:
+    """The compare table a run (or group) name belongs to: its longest COMPARE_MODELS prefix."""
+    found = [t for t in COMPARE_MODELS if run_name.startswith(f"{t}-")]
+    return max(found, key=len) if found else None
 _ORTH = ("--optimizer", "agd", "--agd-direction", "orthogonal")
 COMPARE_METHODS = {
     "agd": ("--optimizer", "agd"),
@@ -342,13 +353,24 @@ def _compare_models(s: Scale, dataset: str) -> list[tuple[str, tuple[str, ...]]]
              arch: ("--dataset", text, "--loss", "xent", "--train_bs", str(text_bs), *test_bs, "--steps", str(s.lm_steps))}
     flags |= {model: ("--dataset", dataset, "--loss", "xent", "--train_bs", str(s.batch_size), *test_bs,
                       "--steps", str(s.models_steps)) for model in VISION_MODELS}
-    return [(model, flags[model]) for model in COMPARE_MODELS]
+    for table, model in COMPARE_LONGER.items():
+        base = list(flags[model])
+        base[base.index("--steps") + 1] = str(3 * int(base[base.index("--steps") + 1]))
+        flags[table] = tuple(base)
+    return [(table, flags[table]) for table in COMPARE_MODELS]
 
 
 def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
-    """The compare grid's configurations of ``model`` at ``seed``: the methods; at seed 0 the
-    controls, every lr of AdamW and Muon, and the tuned ones under the linear schedule; at other
-    seeds the lr each chose at seed 0 (COMPARE_TUNED)."""
+    """The compare grid's configurations of table ``model`` at ``seed``: the methods; at seed 0
+    the controls, every lr of AdamW and Muon, and the tuned ones under the linear schedule; at
+    other seeds the lr each chose at seed 0 (COMPARE_TUNED). A longer table (COMPARE_LONGER):
+    the methods and its base model's tuned lrs at every seed, under the linear schedule (with
+    the orthogonal AGD's) at seed 0."""
+    if model in COMPARE_LONGER:
+        tuned = {n: f for n, f in compare_configs(COMPARE_LONGER[model], 1).items() if n not in COMPARE_METHODS}
+        linear = {f"{n}-linear": (*f, "--schedule", "linear") for n, f in tuned.items()}
+        orth = {"agd-orth-linear": COMPARE_CONTROLS["agd-orth-linear"]}
+        return {**COMPARE_METHODS, **tuned, **(orth | linear if seed == 0 else {})}
     lrs = {f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}")
            for lr in COMPARE_ADAMW_LRS.get(model, ADAMW_LRS)}
     lrs |= _muon_configs(model)
@@ -361,9 +383,9 @@ def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
 
 
 def _compare_grid(s: Scale, dataset: str, seed: int) -> list[RunSpec]:
-    """Per model, named ``<arch>-<config>``: compare_configs at the model's table's flags."""
-    return [_flag_spec(f"{model}-{name}", seed, "--arch", model, *base, *flags)
-            for model, base in _compare_models(s, dataset) for name, flags in compare_configs(model, seed).items()]
+    """Per table, named ``<table>-<config>``: compare_configs at the table's flags."""
+    return [_flag_spec(f"{table}-{name}", seed, "--arch", COMPARE_LONGER.get(table, table), *base, *flags)
+            for table, base in _compare_models(s, dataset) for name, flags in compare_configs(table, seed).items()]
 
 
 GRIDS: dict[str, Callable[[Scale, str, int], list[RunSpec]]] = {
@@ -399,5 +421,5 @@ def grid_runs(name: str, scale: str = "small", seeds: int = 3, dataset: str | No
         s = replace(s, epochs=epochs)
     specs = [spec for seed in range(seeds) for spec in GRIDS[name](s, dataset or s.dataset, seed)]
     if name in MODEL_MAJOR:  # every seed of one model before the next model (a stable sort)
-        specs.sort(key=lambda spec: COMPARE_MODELS.index(spec.argv[spec.argv.index("--arch") + 1]))
+        specs.sort(key=lambda spec: COMPARE_MODELS.index(compare_table(spec.name)))
     return [replace(spec, argv=spec.argv + tuple(extra)) for spec in specs]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from torch_agd.data import TEXT
-from torch_agd.experiments.grids import COMPARE_MODELS
+from torch_agd.experiments.grids import COMPARE_MODELS, compare_table
 from torch_agd.experiments.findings import ACCURACY, VALIDATION_LOSS, Finding, Metric, Section, compare, pct
 from torch_agd.experiments.plot_panels import Panel, bars_figure
 from torch_agd.experiments.runs import Run, final_stat, group_runs, markdown_table
@@ -48,9 +48,9 @@ CANDIDATES = (("agd", "AGD at its defaults"), ("agd-orth", "orthogonal AGD"),
 
 @dataclass
 class Model:
-    """One model's runs by configuration, its metric and its tuned picks (config names)."""
+    """One table's runs by configuration, its metric and its tuned picks (config names)."""
 
-    arch: str
+    table: str  # grids.COMPARE_MODELS: a model, or a model at a longer budget
     title: str
     metric: Metric
     groups: dict[str, list[Run]]
@@ -69,8 +69,8 @@ class Model:
         return (min if self.metric.lower_is_better else max)(scored)[1]
 
 
-def _label(group: str, arch: str) -> str:
-    return group.removeprefix(f"{arch}-")
+def _label(group: str, table: str) -> str:
+    return group.removeprefix(f"{table}-")
 
 
 def _tunable(groups: dict[str, list[Run]], optimizer: str) -> list[str]:
@@ -80,20 +80,23 @@ def _tunable(groups: dict[str, list[Run]], optimizer: str) -> list[str]:
 
 
 def models(runs: Sequence[Run]) -> list[Model]:
-    by_arch: dict[str, list[Run]] = {}
+    """One Model per table (grids.compare_table of the run's name; else its --arch), in the
+    order of grids.COMPARE_MODELS."""
+    by_table: dict[str, list[Run]] = {}
     for run in runs:
-        by_arch.setdefault(str(run.param("arch")), []).append(run)
+        by_table.setdefault(compare_table(run.name) or str(run.param("arch")), []).append(run)
     found = []
-    order = sorted(by_arch, key=lambda a: (a not in COMPARE_MODELS, COMPARE_MODELS.index(a) if a in COMPARE_MODELS else 0, a))
-    for arch in order:
-        members = by_arch[arch]
+    order = sorted(by_table, key=lambda a: (a not in COMPARE_MODELS, COMPARE_MODELS.index(a) if a in COMPARE_MODELS else 0, a))
+    for table in order:
+        members = by_table[table]
         first = members[0]
+        arch = str(first.param("arch"))
         text = first.param("dataset") in TEXT
         metric = VALIDATION_LOSS if text else ACCURACY
         budget = f"{first.param('steps')} steps" if first.param("steps") else f"{first.param('epochs')} epochs"
         what = "validation loss in nats per byte, lower is better" if text else f"{first.param('loss')} loss"
-        groups = {_label(g, arch): m for g, m in group_runs(members).items()}
-        model = Model(arch, f"{arch} on {first.param('dataset')}, {budget} at batch {first.param('train_bs')} ({what})",
+        groups = {_label(g, table): m for g, m in group_runs(members).items()}
+        model = Model(table, f"{arch} on {first.param('dataset')}, {budget} at batch {first.param('train_bs')} ({what})",
                       metric, groups, None, None, {})
         model.adamw = model.best(_tunable(groups, "adamw"))
         muon = _tunable(groups, "muon")
@@ -134,6 +137,8 @@ def _rows(model: Model) -> list[list[str]]:
 def _grid_line(model: Model, names: Sequence[str], label: str, best: str | None) -> str:
     cells = [f"{model.groups[n][0].param('lr'):g}: {_value(model, [r for r in model.groups[n] if r.param('seed') == 0])[0]}"
              for n in names]
+    if len(names) == 1:  # a longer table: the lr tuned at the shorter budget, not a grid
+        return f"- {label} at seed 0, by lr: {cells[0]} (the lr tuned at the shorter budget, not tuned again here)."
     edge = best is not None and best in (names[0], names[-1])
     flag = " **The best lr is at the edge of the grid: widen it.**" if edge else ""
     return f"- {label} at seed 0, by lr: {'; '.join(cells)}.{flag}"
@@ -164,7 +169,7 @@ def _findings(model: Model) -> list[Finding]:
             seeds = {r.param("seed") for r in model.groups[a]}
             same = [r for r in model.groups[b] if r.param("seed") in seeds] or model.groups[b]
             found.append(compare(model.groups[a], same, a_name, b_name, metric=model.metric, worse=False))
-    return [Finding(f.lead, f.worse, f.tail, topic=model.arch) for f in found]
+    return [Finding(f.lead, f.worse, f.tail, topic=model.table) for f in found]
 
 
 def _target(model: Model) -> str:
@@ -217,7 +222,7 @@ def figure(runs: Sequence[Run], title: str):
     for m in models(runs):
         keep = [*METHODS, m.adamw, m.muon, *CONTROLS]
         groups = {n: m.groups[n] for n in keep if n in m.groups}
-        panels.append(Panel(m.arch, groups, m.metric.key,
+        panels.append(Panel(m.table, groups, m.metric.key,
                             "validation loss (nats per byte)" if m.metric.lower_is_better else "test accuracy (%)",
                             percent=not m.metric.lower_is_better))
     return bars_figure(panels, title)
