@@ -331,11 +331,12 @@ def test_the_compare_grid_tunes_both_muon_adjustments_at_the_budgets_of_each_mod
         assert all(s.argv[s.argv.index("--arch") + 1] == model for s in mine)
         runs = [s for s in mine if s.name.startswith(f"{model}-muon-") and not s.name.endswith("-linear-s0")]
         # the FCN's best Muon lrs fell on the low edge of both grids at seed 0: one more lr below each
-        wider = model == "fcn"
-        assert len(runs) == 9 + 3 * wider
+        # (the ViT's original at its low edge too: one more lr below it)
+        wider, vit = model == "fcn", model == "tv-vit"
+        assert len(runs) == 9 + 3 * wider + vit
         lrs = {(s.argv[s.argv.index("--muon-adjust-lr") + 1], float(s.argv[s.argv.index("--lr") + 1])) for s in runs}
         assert lrs == {("match_rms_adamw", lr) for lr in (1e-4,) * wider + (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)} | \
-            {("original", lr) for lr in (3e-4, 1e-3) * wider + (3e-3, 1e-2, 3e-2, 1e-1)}
+            {("original", lr) for lr in (3e-4,) * wider + (1e-3,) * (wider or vit) + (3e-3, 1e-2, 3e-2, 1e-1)}
         flat = [s for s in mine if s.name == f"{model}-agd-orth-flat-s0"]  # models with convolutions only
         assert len(flat) == (model in ("cnn", "tv-vit", "tv-resnet18"))
         assert all(s.argv[s.argv.index("--agd-direction") + 1] == "orthogonal-flattened" for s in flat)
@@ -378,8 +379,8 @@ def test_the_compare_grid_reruns_methods_and_tuned_lrs_at_later_seeds_model_by_m
                                                      and n[:-3] in later]
     assert {"charlm-adamw-lr3e-03-linear-s0", "charlm-muon-rms-lr1e-02-linear-s0", "charlm-agd-orth-linear-s0",
             "charlm-agd-orth-normalised-s0", "charlm-agd-m0.9-gain10-s0"} <= set(lm)
-    vit_later = {s.name[:-3] for s in specs if grids.compare_table(s.name) == "tv-vit" and s.name.endswith("-s2")}
-    assert vit_later == {f"tv-vit-{c}" for c in grids.COMPARE_METHODS}  # no tuned lr known: methods only
+    cnn_later = {s.name[:-3] for s in specs if grids.compare_table(s.name) == "cnn" and s.name.endswith("-s2")}
+    assert cnn_later == {f"cnn-{c}" for c in grids.COMPARE_METHODS}  # no tuned lr known: methods only
     linear = next(s for s in specs if s.name == "charlm-muon-rms-lr1e-02-linear-s0")
     assert linear.argv[linear.argv.index("--schedule") + 1] == "linear"
 

@@ -306,8 +306,9 @@ COMPARE_ADAMW_LRS = {"fcn": (1e-4, 3e-4, 1e-3, 3e-3), "cnn": (1e-4, 3e-4, 1e-3, 
 # AdamW's lrs), original is Keller Jordan's scaling (default lr 0.02, so a decade around it).
 MUON_LRS = {"match_rms_adamw": (3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "original": (3e-3, 1e-2, 3e-2, 1e-1)}
 # A model whose best Muon lr fell on the edge of MUON_LRS at seed 0 gets lrs beyond it until the
-# best is inside (the FCN: best at the lowest lr of both, 3e-4 and 3e-3; then original's at 1e-3).
-MUON_EXTRA_LRS = {"fcn": {"match_rms_adamw": (1e-4,), "original": (3e-4, 1e-3)}}
+# best is inside (the FCN: best at the lowest lr of both, 3e-4 and 3e-3; then original's at 1e-3;
+# the ViT: original's best at 3e-3).
+MUON_EXTRA_LRS = {"fcn": {"match_rms_adamw": (1e-4,), "original": (3e-4, 1e-3)}, "tv-vit": {"original": (1e-3,)}}
 MUON_ADJUST_TAGS = {"match_rms_adamw": "rms", "original": "orig"}
 # Each model's AdamW part of Muon (embeddings, head, biases, norms) runs at the model's tuned Adam(W)
 # lr of the earlier tables (docs/results.md, small scale): Adam's on the FCN and CNN (these
@@ -323,6 +324,10 @@ COMPARE_TUNED: dict[str, tuple[str, ...]] = {
     # (match_rms_adamw) 1e-4 88.1, 3e-4 89.34, 1e-3 89.17, 3e-3 88.52, 1e-2 83.1, 3e-2 diverged;
     # Muon (original) 1e-3 89.27, 3e-3 88.97, 1e-2 88.17, 3e-2 85.0, 1e-1 diverged.
     "fcn": ("adamw-lr1e-03", "muon-rms-lr3e-04"),
+    # tv-vit at seed 0 (test accuracy %): AdamW 3e-4 67.13, 1e-3 78.24, 3e-3 78.55, 1e-2 60.25; Muon
+    # (match_rms_adamw) 3e-4 78.83, 1e-3 80.85, 3e-3 81.63, 1e-2 80.45, 3e-2 72.83; Muon (original)
+    # 3e-3 81.71, 1e-2 81.67, 3e-2 78.6, 1e-1 52.52 (1e-3 added: 3e-3 was the grid's edge).
+    "tv-vit": ("adamw-lr3e-03", "muon-orig-lr3e-03"),
 }
 
 
