@@ -32,18 +32,19 @@ METHODS = {
     "agd-orth-headfro": "orthogonal AGD, the output head on the paper's rule",
     "prodigy": "Prodigy (its defaults)",
     "schedulefree": "Schedule-Free AdamW (its defaults)",
+    "agd-orth-linear": "orthogonal AGD, linear decay of the lr multiplier to 0",
 }
 CONTROLS = {
     "agd-orth-m0": "orthogonal AGD without momentum",
     "agd-orth-normalised": "control: O(D) at the paper's Frobenius size, momentum 0.9",
     "agd-orth-nuc": "orthogonal AGD, eta from the nuclear norm (<g, O(D)>) in place of the Frobenius",
     "agd-m0.9-gain10": "control: the paper's direction at gain 10, momentum 0.9",
-    "agd-orth-linear": "orthogonal AGD, linear decay of the lr multiplier to 0",
     "agd-orth-flat": "orthogonal AGD, conv filters flattened whole (as Muon) in place of one block per kernel position",
 }
 # The candidates for the shipped default, each compared with every tuned optimizer and peer.
 CANDIDATES = (("agd", "AGD at its defaults"), ("agd-orth", "orthogonal AGD"),
-              ("agd-orth-headfro", "orthogonal AGD (head on the paper's rule)"))
+              ("agd-orth-headfro", "orthogonal AGD (head on the paper's rule)"),
+              ("agd-orth-linear", "orthogonal AGD (linear decay)"))
 
 
 @dataclass
