@@ -58,19 +58,26 @@ def test_the_compare_section_tunes_at_seed_0_and_states_the_target(tmp_path):
     assert orig.endswith("**The best lr is at the edge of the grid: widen it.**")
     rms = next(line for line in section.lines if line.startswith("- Muon (match_rms_adamw)"))
     assert "edge" not in rms
-    assert ("Target (AGD at its shipped defaults at or above tuned AdamW, tuned Muon and every peer): **missed**: "
-            "behind adamw-lr3e-03, muon-rms-lr1e-02, schedulefree.") in text
+    # the target, for AGD as shipped (orth + linear decay), AGD(model) without it, and the paper's rule
+    targets = [line for line in section.lines if line.startswith("- Target for ")]
+    assert targets == [
+        "- Target for AGD as shipped (the README's first example: its defaults, lr decayed linearly to 0) (at or "
+        "above tuned AdamW, tuned Muon and every peer): **met**.",
+        "- Target for AGD(model) at its defaults, no schedule (at or above tuned AdamW, tuned Muon and every peer): "
+        "**met**.",
+        "- Target for the paper's rule (`direction=\"frobenius\"`, the trainer's default) (at or above tuned AdamW, "
+        "tuned Muon and every peer): **missed**: behind adamw-lr3e-03, muon-rms-lr1e-02, schedulefree."]
     found = {f.text for f in section.findings}
     assert ("orthogonal AGD beats tuned Muon (lr 0.01, match_rms_adamw) by 10.0% in validation loss "
             "(beyond the seed spread)") in found
-    assert "AGD at its defaults beats Prodigy by 1.3% in validation loss (beyond the seed spread)" in found
+    assert "AGD (the paper's rule) beats Prodigy by 1.3% in validation loss (beyond the seed spread)" in found
     # a seed-0 control is compared with seed 0 of what it controls (1.51), not the 3-seed mean (1.53)
     assert ("the control O(D) at the Frobenius size loses to orthogonal AGD by 29.8% in validation loss "
             "(one seed: no spread measured)") in found
     worse = [f for f in section.findings if f.worse]
-    assert {f.worse for f in worse} == {"AGD at its defaults loses to tuned AdamW (lr 0.003)",
-                                        "AGD at its defaults loses to tuned Muon (lr 0.01, match_rms_adamw)",
-                                        "AGD at its defaults loses to Schedule-Free"}
+    assert {f.worse for f in worse} == {"AGD (the paper's rule) loses to tuned AdamW (lr 0.003)",
+                                        "AGD (the paper's rule) loses to tuned Muon (lr 0.01, match_rms_adamw)",
+                                        "AGD (the paper's rule) loses to Schedule-Free"}
     assert all(f.topic == "charlm" for f in section.findings)
 
 
@@ -84,8 +91,8 @@ def test_a_model_whose_default_beats_everything_meets_the_target_and_images_go_b
         (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     section = results_compare.render_compare(find_runs([tmp_path]))
     assert "| adamw-lr1e-03 | tuned AdamW (lr 0.001) | 1 | 85.0 |" in section.text
-    assert ("Target (AGD at its shipped defaults at or above tuned AdamW, tuned Muon and every peer): **met**."
-            in section.text)
+    assert ("- Target for the paper's rule (`direction=\"frobenius\"`, the trainer's default) (at or above tuned "
+            "AdamW, tuned Muon and every peer): **met**.") in section.lines
     assert not [f for f in section.findings if f.worse]
     assert "AdamW at seed 0, by lr: 0.001: 85.0; 0.003: 80.0. **The best lr is at the edge" in section.text
 
@@ -110,7 +117,7 @@ def test_a_longer_budget_is_a_table_of_its_own_with_the_lrs_tuned_at_the_shorter
     tail = text[text.index("### charlm on stdlib, 900 steps"):]
     assert "| adamw-lr3e-03 | tuned AdamW (lr 0.003) | 3 | 1.8100 ± 0.0100 |" in tail
     assert "- AdamW at seed 0, by lr: 0.003: 1.8000 (the lr tuned at the shorter budget, not tuned again here)." in tail
-    assert "edge" not in tail and "| agd-orth-linear | orthogonal AGD, linear decay of the lr multiplier to 0 | 1 | 1.2500 |" in tail
+    assert "edge" not in tail and "| agd-orth-linear | orthogonal AGD, linear decay of the lr multiplier to 0 (the README's first example) | 1 | 1.2500 |" in tail
     topics = {f.topic for f in section.findings}
     assert topics == {"charlm", "charlm-3x"}
     assert ("orthogonal AGD beats tuned Muon (lr 0.01, match_rms_adamw) by 7.1% in validation loss (beyond the seed "
