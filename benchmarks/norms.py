@@ -61,7 +61,7 @@ def accuracy():
 
 def fixed_cost():
     shapes = [(max(1, s[0] // 64), max(1, s[1] // 64), *s[2:]) for s in resnet18_shapes()]
-    steps = {"AGD": AGD(make(shapes, "cpu")).step,
+    steps = {"AGD": AGD(make(shapes, "cpu"), direction="frobenius").step,  # the paper's step
              "Adam": torch.optim.Adam(make(shapes, "cpu"), foreach=True).step,
              "SGD": torch.optim.SGD(make(shapes, "cpu"), lr=1e-3, foreach=True).step}
     print("fixed cost of one step on 21 tiny tensors:")

@@ -76,7 +76,7 @@ class ScheduledAGD:
     """AGD with a LambdaLR stepped after every optimizer step, so lr changes every step."""
 
     def __init__(self, params):
-        self.opt = AGD(params, foreach=True)
+        self.opt = AGD(params, foreach=True, direction="frobenius")
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda step: 1 / (1 + 1e-3 * step))
 
     def step(self):
@@ -87,9 +87,10 @@ class ScheduledAGD:
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3, foreach=True),
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
-    "agd": lambda ps: AGD(ps, foreach=True),
+    # the paper's rule (direction="frobenius"): the step the published code takes, timed against it
+    "agd": lambda ps: AGD(ps, foreach=True, direction="frobenius"),
     "agd-sched": ScheduledAGD,
-    "agd-loop": lambda ps: AGD(ps, foreach=False),
+    "agd-loop": lambda ps: AGD(ps, foreach=False, direction="frobenius"),
     "published": PublishedStyleAGD,
 }
 
@@ -131,7 +132,7 @@ def bench(shapes, device, reps, names, compile_mode=None):
 
 def check_no_sync(shapes, device):
     """On CUDA, a step under sync-debug 'error' mode raises on any device-to-host sync."""
-    opt = AGD(make(shapes, device))
+    opt = AGD(make(shapes, device), direction="frobenius")
     opt.step()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -113,7 +113,7 @@ def published_job(root: str, device: str) -> None:
     test_loader = torch.utils.data.DataLoader(testset, batch_size=128, shuffle=False, pin_memory=device == "cuda")
     net = build_model("fcn", DATASETS["fashion-mnist"], depth=8, width=256).to(device)
     init_weights_(net)
-    optim = AGD(net)
+    optim = AGD(net, direction="frobenius")  # the paper's rule, as `make train` runs it
 
     def loop(loader, train: bool):
         net.train() if train else net.eval()

@@ -4,7 +4,7 @@
                                           [--out docs/zoo.md] [--json runs/zoo.json]
 
 For every model of benchmarks/zoo_models.py (random init, no weights downloaded): init_weights_ +
-AGD(model) at its defaults, N steps on one fixed batch of 8; AGD with momentum=0.9 the same; AdamW
+AGD(model, direction="frobenius") (the paper's rule, the default when this page was made), N steps on one fixed batch of 8; AGD with momentum=0.9 the same; AdamW
 (lr 1e-3, weight decay 0.01) on the model's own init beside them. A torch_agd.UsageError from
 init_weights_ or AGD(...) is a refusal (its one-line message is the reason); any other exception
 is a crash (type and message). Results are cached per model in the JSON, so `--only REGEX`
@@ -72,14 +72,14 @@ def run_agd(model, twin, batch, loss_fn, steps: int, row: dict) -> None:
     of the model as built, trains with momentum 0.9 if given."""
     row["kinds"] = kinds_of(model)
     init_weights_(model, generator=torch.Generator().manual_seed(0))
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")  # the paper's rule: what docs/zoo.md measured
     row["depth"] = opt.depth
     t = time.perf_counter()
     losses, final = train(model, batch, loss_fn, opt, steps)
     row["agd"] = {"initial": losses[0], "final": final, "losses": losses, "seconds": time.perf_counter() - t}
     if twin is not None:
         init_weights_(twin, generator=torch.Generator().manual_seed(0))
-        losses, final = train(twin, batch, loss_fn, AGD(twin, momentum=MOMENTUM), steps)
+        losses, final = train(twin, batch, loss_fn, AGD(twin, momentum=MOMENTUM, direction="frobenius"), steps)
         row["agd_momentum"] = {"initial": losses[0], "final": final, "losses": losses}
     agd = row["agd"]
     row["finite"] = all(math.isfinite(v) for v in agd["losses"] + [agd["final"]])

@@ -156,7 +156,10 @@ def run_case(name: str, spec: dict, rank: int, world: int, meshes: dict, counts:
             if next(child.parameters(), None) is not None:
                 fully_shard(child, **kwargs)
         fully_shard(model, **kwargs)
-    options = {k: spec[k] for k in ("foreach", "momentum", "direction") if k in spec}
+    # the paper's rule, momentum 0, unless a case says otherwise (AGD's defaults are the orthogonal
+    # direction with momentum 0.9)
+    options = {"direction": "frobenius", "momentum": 0.0,
+               **{k: spec[k] for k in ("foreach", "momentum", "direction") if k in spec}}
     if spec.get("depth_of_the_unsharded_model"):
         options["depth"] = AGD(ref).depth
     opt, ref_opt = AGD(model, **options), AGD(ref, **options)

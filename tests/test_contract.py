@@ -72,7 +72,7 @@ def test_the_table_covers_every_scheduler_torch_ships():
 def test_every_scheduler_drives_the_update_by_lr(name):
     model = net()
     params = list(model.parameters())
-    opt = AGD(model, depth="weights")
+    opt = AGD(model, depth="weights", direction="frobenius")
     scheduler = SCHEDULERS[name](opt)
     seen = set()
     for step in range(4):
@@ -88,7 +88,7 @@ def test_every_scheduler_drives_the_update_by_lr(name):
 def test_a_factor_of_one_half_halves_the_update():
     model = net()
     params = list(model.parameters())
-    opt = AGD(model, depth="weights")
+    opt = AGD(model, depth="weights", direction="frobenius")
     lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=5)
     moved, reference = moved_by(opt, params, seed=0)
     for m, r in zip(moved, reference, strict=True):
@@ -98,7 +98,7 @@ def test_a_factor_of_one_half_halves_the_update():
 def test_lr_and_gain_multiply_and_are_read_at_step_time():
     model = net()
     params = list(model.parameters())
-    opt = AGD(model, lr=0.25, gain=3.0, depth="weights")
+    opt = AGD(model, lr=0.25, gain=3.0, depth="weights", direction="frobenius")
     for step, (lr, gain) in enumerate([(0.25, 3.0), (2.0, 1.0), (0.1, 10.0)]):
         opt.param_groups[0].update(lr=lr, gain=gain)
         moved, reference = moved_by(opt, params, seed=step)
@@ -114,7 +114,7 @@ def test_a_tensor_lr_changes_without_recompiling_the_step(kind):
     model = net()
     params = list(model.parameters())
     lr = torch.tensor(1.0) if kind == "tensor" else 1.0
-    opt = AGD(model, lr=lr, depth="weights")
+    opt = AGD(model, lr=lr, depth="weights", direction="frobenius")
     counter = CompileCounter()
     step = torch.compile(opt.step, backend=counter, fullgraph=True)
     frames = []
@@ -140,7 +140,7 @@ def test_a_tensor_lr_changes_without_recompiling_the_step(kind):
 
 def test_state_is_torch_native():
     model = net()
-    opt = AGD(model, gain=2.0, depth=5)
+    opt = AGD(model, gain=2.0, depth=5, direction="frobenius")
     set_grads(model.parameters(), 0)
     opt.step()
     sd = opt.state_dict()
@@ -153,14 +153,14 @@ def test_state_is_torch_native():
 
 def test_state_dict_round_trip_through_weights_only_load():
     a, b = net(), net()
-    opt_a = AGD(a, gain=3.0, depth=7)
+    opt_a = AGD(a, gain=3.0, depth=7, direction="frobenius")
     set_grads(a.parameters(), 0)
     opt_a.step()
     buf = io.BytesIO()
     torch.save(opt_a.state_dict(), buf)
     buf.seek(0)
     b.load_state_dict(a.state_dict())
-    opt_b = AGD(b)
+    opt_b = AGD(b, direction="frobenius")
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
     assert opt_b.depth == 7 and opt_b.param_groups[0]["gain"] == 3.0 and opt_b.steps.item() == 1
     assert opt_b.steps.dtype == opt_b.skipped_steps.dtype == torch.int64
@@ -175,7 +175,7 @@ def test_state_dict_round_trip_through_weights_only_load():
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_step_like_the_original(how):
     model = net()
-    opt = AGD(model, momentum=0.5)
+    opt = AGD(model, momentum=0.5, direction="frobenius")
     set_grads(model.parameters(), 0)
     opt.step()
     copied = copy.deepcopy(opt) if how == "deepcopy" else pickle.loads(pickle.dumps(opt))
@@ -193,7 +193,7 @@ def test_distributed_checkpoint_round_trip(tmp_path):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     a = net()
-    opt_a = AGD(a, momentum=0.9, gain=2.0)
+    opt_a = AGD(a, momentum=0.9, gain=2.0, direction="frobenius")
     set_grads(a.parameters(), 0)
     opt_a.step()
     model_sd, optim_sd = get_state_dict(a, opt_a)
@@ -202,7 +202,7 @@ def test_distributed_checkpoint_round_trip(tmp_path):
     with torch.no_grad():
         for p in b.parameters():
             p.zero_()
-    opt_b = AGD(b, momentum=0.9)
+    opt_b = AGD(b, momentum=0.9, direction="frobenius")
     set_grads(b.parameters(), 5)
     opt_b.step()  # state to be overwritten
     model_sd, optim_sd = get_state_dict(b, opt_b)
@@ -222,7 +222,7 @@ def test_distributed_checkpoint_round_trip(tmp_path):
 
 def test_maximize_ascends_by_the_same_step():
     up, down = net(), net()
-    opt_up, opt_down = AGD(up, maximize=True), AGD(down)
+    opt_up, opt_down = AGD(up, maximize=True, direction="frobenius"), AGD(down, direction="frobenius")
     set_grads(up.parameters(), 0)
     set_grads(down.parameters(), 0)
     start = [p.detach().clone() for p in up.parameters()]
@@ -235,7 +235,7 @@ def test_maximize_ascends_by_the_same_step():
 
 def test_flags_are_keyword_only():
     with pytest.raises(TypeError):
-        AGD(net().parameters(), 1.0, 2.0)
+        AGD(net().parameters(), 1.0, 2.0, direction="frobenius")
     params = inspect.signature(AGD).parameters
     assert [n for n, p in params.items() if p.kind is not p.KEYWORD_ONLY] == ["params", "lr"]
 
@@ -245,9 +245,9 @@ def test_flags_are_keyword_only():
                                         (dict(depth="layers"), "depth"), (dict(lr=torch.ones(2)), "lr")])
 def test_bad_values_are_one_line_errors_in_the_constructor_and_in_add_param_group(bad, needle):
     with pytest.raises(UsageError, match=needle) as err:
-        AGD(net(), **bad)
+        AGD(net(), **bad, direction="frobenius")
     assert "\n" not in str(err.value)
-    opt = AGD([torch.randn(3, 3, requires_grad=True)])
+    opt = AGD([torch.randn(3, 3, requires_grad=True)], direction="frobenius")
     if "depth" in bad:
         needle = "depth"
     with pytest.raises(UsageError, match=needle):
@@ -256,7 +256,7 @@ def test_bad_values_are_one_line_errors_in_the_constructor_and_in_add_param_grou
 
 def test_hooks_run_around_the_step():
     model = net()
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     seen = []
     opt.register_step_pre_hook(lambda o, args, kwargs: seen.append(("pre", o.steps)))
     opt.register_step_post_hook(lambda o, args, kwargs: seen.append(("post", o.steps.item())))
@@ -297,7 +297,7 @@ assert all(hasattr(getattr(plain, m).__wrapped__, "__dynamo_disable") for m in (
 
 def test_zero_grad_and_closure():
     model = net()
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     x = torch.randn(4, 1, 6)
 
     def closure():

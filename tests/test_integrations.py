@@ -61,7 +61,7 @@ def mse(model, batch):
 def hand_loop(model, batches, lrs, loss=mse, accumulate=1):
     """AGD driven by hand: one step per ``accumulate`` batches (micro-batch losses divided by
     ``accumulate``), the k-th at lr = lrs[k]."""
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     for k, lr in enumerate(lrs):
         for group in opt.param_groups:
             group["lr"] = lr
@@ -109,7 +109,7 @@ def lightning_module(schedule=None, momentum=0.0):
             return mse(self.net, batch)
 
         def configure_optimizers(self):
-            opt = AGD(self, momentum=momentum)
+            opt = AGD(self, momentum=momentum, direction="frobenius")
             if schedule is None:
                 return opt
             return {"optimizer": opt, "lr_scheduler": {"scheduler": LambdaLR(opt, schedule), "interval": "step"}}
@@ -209,7 +209,7 @@ def test_trainer_builds_its_default_schedule_on_agd(tmp_path):
         rows = sorted(item["row"] for item in items)
         return {"input_ids": tokens[rows], "labels": tokens[rows]}
 
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     rec = MoveRecorder(opt, model.model.layers[0].mlp.gate_proj.weight)
 
     class Record(transformers.TrainerCallback):
@@ -246,7 +246,7 @@ def test_accelerate_steps_agd_once_per_accumulated_batch():
     model = mlp()
     start = copy.deepcopy(model)
     accelerator = accelerate.Accelerator(cpu=True, gradient_accumulation_steps=2)
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     scheduler = LambdaLR(opt, lambda k: 0.5 ** k)
     model, prepared, loader, scheduler = accelerator.prepare(
         model, opt, DataLoader(TensorDataset(X, Y), batch_size=8), scheduler)
@@ -273,7 +273,7 @@ def test_grad_scaler_unscales_before_agd_steps(autocast):
     # AGD's eta grows with the gradient's size, so a step on scaled gradients would be far too
     # long: scaler.step must unscale first. The scale is a power of two, so unscaling is exact.
     model, plain = mlp(), mlp()
-    opt, plain_opt = AGD(model), AGD(plain)
+    opt, plain_opt = AGD(model, direction="frobenius"), AGD(plain, direction="frobenius")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     for k in range(4):
         x, y = X[16 * k:16 * k + 16], Y[16 * k:16 * k + 16]
@@ -295,7 +295,7 @@ def test_grad_scaler_unscales_before_agd_steps(autocast):
 
 def test_grad_scaler_skips_agd_on_an_inf_gradient():
     model = mlp()
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
     scaler.scale(nn.functional.mse_loss(model(X), Y)).backward()
     scaler.step(opt)
@@ -323,7 +323,7 @@ def test_compiled_training_step_matches_eager(fullgraph):
     if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
         pytest.skip("this torch cannot trace loss.backward() into the graph")
     compiled_net, eager_net = mlp(), mlp()
-    compiled_opt, eager_opt = AGD(compiled_net, gain=2.0), AGD(eager_net, gain=2.0)
+    compiled_opt, eager_opt = AGD(compiled_net, gain=2.0, direction="frobenius"), AGD(eager_net, gain=2.0, direction="frobenius")
     # An LR scheduler wraps opt.step in a function Dynamo will not trace (for torch's own
     # optimizers too), so one graph for the whole step means setting lr by hand.
     schedules = [] if fullgraph else [LambdaLR(o, schedule) for o in (compiled_opt, eager_opt)]

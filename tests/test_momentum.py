@@ -28,7 +28,7 @@ def test_momentum_takes_the_literal_steps(nesterov, foreach):
     steps = _grads(4)
     expected = reference_momentum_steps(start, steps, 0.9, nesterov=nesterov)
     ws = [w.clone().requires_grad_() for w in start]
-    opt = AGD(ws, momentum=0.9, nesterov=nesterov, foreach=foreach)
+    opt = AGD(ws, momentum=0.9, nesterov=nesterov, foreach=foreach, direction="frobenius")
     for grads in steps:
         for w, g in zip(ws, grads, strict=True):
             w.grad = g.clone()
@@ -42,7 +42,7 @@ def test_momentum_takes_the_literal_steps(nesterov, foreach):
 
 def test_momentum_zero_keeps_no_state():
     ws = [torch.randn(s, requires_grad=True) for s in SHAPES]
-    opt = AGD(ws)
+    opt = AGD(ws, direction="frobenius")
     for w in ws:
         w.grad = torch.randn(w.shape)
     opt.step()
@@ -60,7 +60,7 @@ def test_a_skipped_step_leaves_the_weights_and_clears_the_buffers(foreach, maske
     steps[1][2][0, 0] = math.inf
     expected = reference_momentum_steps(start, steps, 0.5)
     ws = [w.clone().requires_grad_() for w in start]
-    opt = AGD(ws, momentum=0.5, foreach=foreach)
+    opt = AGD(ws, momentum=0.5, foreach=foreach, direction="frobenius")
     for i, grads in enumerate(steps):
         for w, g in zip(ws, grads, strict=True):
             w.grad = g.clone()
@@ -77,7 +77,7 @@ def test_one_cycle_drives_the_momentum():
     start = [torch.randn(s, dtype=torch.float64) for s in SHAPES]
     steps = _grads(3)
     ws = [w.clone().requires_grad_() for w in start]
-    opt = AGD(ws, momentum=0.9)
+    opt = AGD(ws, momentum=0.9, direction="frobenius")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1.0, total_steps=10, base_momentum=0.5,
                                                     max_momentum=0.9)
     # replayed by hand beside it: each step with the lr and momentum the scheduler set for it
@@ -107,7 +107,7 @@ def test_momentum_step_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(0)
     net = init_weights_(nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.Flatten(), nn.Linear(8 * 9 * 9, 5, bias=False)))
     twin = copy.deepcopy(net)
-    eager, comp = AGD(net, momentum=0.9), AGD(twin, momentum=0.9)
+    eager, comp = AGD(net, momentum=0.9, direction="frobenius"), AGD(twin, momentum=0.9, direction="frobenius")
     step = torch.compile(comp.step, fullgraph=True)
     x = torch.randn(4, 3, 11, 11)
     for i in range(3):
@@ -127,7 +127,7 @@ def test_buffers_survive_a_state_dict_round_trip():
     torch.manual_seed(0)
     a = [torch.randn(s, requires_grad=True) for s in SHAPES]
     b = [w.detach().clone().requires_grad_() for w in a]
-    opt_a = AGD(a, momentum=0.9)
+    opt_a = AGD(a, momentum=0.9, direction="frobenius")
     steps = _grads(3)
     for grads in steps[:2]:
         for w, g in zip(a, grads, strict=True):
@@ -139,7 +139,7 @@ def test_buffers_survive_a_state_dict_round_trip():
     with torch.no_grad():
         for x, y in zip(b, a, strict=True):
             x.copy_(y)
-    opt_b = AGD(b)
+    opt_b = AGD(b, direction="frobenius")
     opt_b.load_state_dict(torch.load(buf, weights_only=True))
     assert opt_b.param_groups[0]["momentum"] == 0.9
     for ws, o in ((a, opt_a), (b, opt_b)):

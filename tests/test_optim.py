@@ -25,7 +25,7 @@ def test_shared_vectors(case, foreach):
     ws = [torch.tensor(w, dtype=torch.float64, requires_grad=True) for w in case["weights"]]
     for w, g in zip(ws, case["grads"], strict=True):
         w.grad = torch.tensor(g, dtype=torch.float64)
-    opt = AGD(ws, gain=case["gain"], depth=case["depth"], foreach=foreach)
+    opt = AGD(ws, gain=case["gain"], depth=case["depth"], foreach=foreach, direction="frobenius")
     opt.step()
     assert opt.eta.item() == pytest.approx(case["eta"], rel=1e-12)
     assert len(ws) == len(case["expected"]) >= 1
@@ -56,7 +56,7 @@ def test_fast_loop_and_literal_spec_agree_over_steps(name):
     torch.manual_seed(0)
     fast = init_weights_(build())
     loop = copy.deepcopy(fast)
-    opt_fast, opt_loop = AGD(fast, foreach=True), AGD(loop, foreach=False)
+    opt_fast, opt_loop = AGD(fast, foreach=True, direction="frobenius"), AGD(loop, foreach=False, direction="frobenius")
     for step in range(5):
         x, y = torch.randn(in_shape), torch.randn(in_shape[0], 5)
         for net, opt in ((fast, opt_fast), (loop, opt_loop)):
@@ -88,7 +88,7 @@ def test_each_submatrix_moves_by_gain_eta_over_L_times_s(shape_list, log_scale, 
         w.grad = torch.randn(w.shape, dtype=torch.float64, generator=gen) * 10.0 ** log_scale
     before = [w.detach().clone() for w in ws]
     _, eta = reference_step(before, [w.grad for w in ws], gain=gain)
-    opt = AGD(ws, gain=gain, foreach=foreach)
+    opt = AGD(ws, gain=gain, foreach=foreach, direction="frobenius")
     opt.step()
     L = len(ws)
     assert opt.eta.item() == pytest.approx(eta, rel=1e-9)
@@ -111,7 +111,7 @@ def test_update_direction_ignores_loss_scale(shape_list, factor, foreach, seed):
         for w, g in zip(ws, grads, strict=True):
             w.grad = g * c
         expected, _ = reference_step([w.detach() for w in ws], [g * c for g in grads])
-        opt = AGD(ws, foreach=foreach)
+        opt = AGD(ws, foreach=foreach, direction="frobenius")
         opt.step()
         for w, e in zip(ws, expected, strict=True):
             torch.testing.assert_close(w.detach(), e, rtol=1e-9, atol=1e-12)
@@ -125,7 +125,7 @@ def test_zero_and_missing_gradients(foreach):
     ws[0].grad[:, :, 1] = 0  # one zero kernel slice
     ws[1].grad = torch.zeros(5, 4)
     before = [w.detach().clone() for w in ws]
-    opt = AGD(ws, foreach=foreach)
+    opt = AGD(ws, foreach=foreach, direction="frobenius")
     opt.step()  # ws[2].grad is None: skipped
     assert torch.equal(ws[0][:, :, 1], before[0][:, :, 1])
     assert not torch.equal(ws[0][:, :, 0], before[0][:, :, 0])
@@ -138,7 +138,7 @@ def test_zero_and_missing_gradients(foreach):
 
 def test_step_with_no_gradients_does_nothing_and_returns_closure_loss():
     w = torch.randn(3, 3, requires_grad=True)
-    opt = AGD([w])
+    opt = AGD([w], direction="frobenius")
     assert opt.step(lambda: torch.tensor(7.0)).item() == 7.0
     assert opt.eta is None and opt.steps is None
 
@@ -146,7 +146,7 @@ def test_step_with_no_gradients_does_nothing_and_returns_closure_loss():
 def test_closure_loss_is_returned_and_used():
     torch.manual_seed(0)
     net = init_weights_(linear_net())
-    opt = AGD(net)
+    opt = AGD(net, direction="frobenius")
     x, y = torch.randn(8, 12), torch.randn(8, 5)
 
     def closure():
@@ -171,7 +171,7 @@ def test_non_finite_gradient_leaves_every_weight_unchanged(bad, foreach, masked,
     ws = [torch.randn(4, 3, requires_grad=True), torch.randn(2, 4, 3, 3, requires_grad=True)]
     for w in ws:
         w.grad = torch.randn(w.shape)
-    opt = AGD(ws, foreach=foreach)
+    opt = AGD(ws, foreach=foreach, direction="frobenius")
     opt.step()
     good = [w.detach().clone() for w in ws]
     ws[1].grad[0, 1, 2, 2] = bad
@@ -196,7 +196,7 @@ def test_half_precision_gradients_accumulate_in_float32(dtype, foreach):
     for w in ws:
         w.grad = (torch.randn(w.shape) * 1e-3).to(dtype)
     expected, eta = reference_step([w.detach() for w in ws], [w.grad for w in ws])
-    opt = AGD(ws, foreach=foreach)
+    opt = AGD(ws, foreach=foreach, direction="frobenius")
     opt.step()
     assert opt.eta.dtype == torch.float32
     assert opt.eta.item() == pytest.approx(eta, rel=1e-5)
@@ -211,7 +211,7 @@ def test_param_groups_with_their_own_gain():
     a, b = torch.randn(6, 4, requires_grad=True), torch.randn(3, 6, requires_grad=True)
     a.grad, b.grad = torch.randn(6, 4), torch.randn(3, 6)
     before = [a.detach().clone(), b.detach().clone()]
-    opt = AGD([{"params": [a]}, {"params": [b], "gain": 10.0}], gain=1.0)
+    opt = AGD([{"params": [a]}, {"params": [b], "gain": 10.0}], gain=1.0, direction="frobenius")
     opt.step()
     _, eta = reference_step(before, [a.grad, b.grad])
     for w, w0, gain in ((a, before[0], 1.0), (b, before[1], 10.0)):
@@ -227,7 +227,7 @@ def test_mixed_dtypes_take_the_reference_step(foreach):
     gs = [torch.randn(w.shape, dtype=w.dtype) for w in ws]
     expected, eta = reference_step(ws, gs)
     params = [w.clone().requires_grad_() for w in ws]
-    opt = AGD(params, foreach=foreach)
+    opt = AGD(params, foreach=foreach, direction="frobenius")
     for _ in range(2):  # the second step reuses the cached layouts
         for p, g in zip(params, gs, strict=True):
             p.grad = g.clone()
@@ -242,7 +242,7 @@ def test_depth_overrides_L():
     w = torch.randn(5, 5, requires_grad=True)
     w.grad = torch.randn(5, 5)
     w0 = w.detach().clone()
-    opt = AGD([w], depth=4)
+    opt = AGD([w], depth=4, direction="frobenius")
     opt.step()
     expected, eta = reference_step([w0], [w.grad], depth=4)
     torch.testing.assert_close(w.detach().double(), expected[0], rtol=1e-5, atol=1e-6)
@@ -251,7 +251,7 @@ def test_depth_overrides_L():
 def test_state_dict_round_trip_then_identical_steps():
     torch.manual_seed(0)
     net = init_weights_(conv_net())
-    opt = AGD(net, gain=3.0, depth=7)
+    opt = AGD(net, gain=3.0, depth=7, direction="frobenius")
     x, y = torch.randn(4, 3, 11, 11), torch.randn(4, 5)
     for _ in range(2):
         opt.zero_grad()
@@ -263,7 +263,7 @@ def test_state_dict_round_trip_then_identical_steps():
     saved = torch.load(buf, weights_only=True)
     net2 = conv_net()
     net2.load_state_dict(saved["model"])
-    opt2 = AGD(net2)
+    opt2 = AGD(net2, direction="frobenius")
     opt2.load_state_dict(saved["opt"])
     assert opt2.depth == 7 and opt2.param_groups[0]["gain"] == 3.0
     assert opt2.steps.item() == 2 and torch.equal(opt2.eta, opt.eta) and opt2.skipped_steps.item() == 0
@@ -277,21 +277,21 @@ def test_state_dict_round_trip_then_identical_steps():
 
 def test_construction_rejects_scalars_bad_gain_and_depth():
     with pytest.raises(UsageError, match="0-D"):
-        AGD([torch.randn((), requires_grad=True)])
+        AGD([torch.randn((), requires_grad=True)], direction="frobenius")
     with pytest.raises(UsageError, match="param_groups\\[0\\]\\['params'\\]\\[1\\]"):
-        AGD([torch.randn(2, 2, requires_grad=True), torch.randn(3, requires_grad=True)])
+        AGD([torch.randn(2, 2, requires_grad=True), torch.randn(3, requires_grad=True)], direction="frobenius")
     for gain in (0, -1.0, math.nan):
         with pytest.raises(UsageError, match="gain"):
-            AGD([torch.randn(2, 2, requires_grad=True)], gain=gain)
+            AGD([torch.randn(2, 2, requires_grad=True)], gain=gain, direction="frobenius")
     with pytest.raises(UsageError, match="depth"):
-        AGD([torch.randn(2, 2, requires_grad=True)], depth=0)
+        AGD([torch.randn(2, 2, requires_grad=True)], depth=0, direction="frobenius")
 
 
 def test_sparse_gradient_is_a_clear_error():
     w = torch.randn(4, 3, requires_grad=True)
     w.grad = torch.randn(4, 3).to_sparse()
     with pytest.raises(UsageError, match="sparse"):
-        AGD([w]).step()
+        AGD([w], direction="frobenius").step()
 
 
 @pytest.mark.slow
@@ -299,7 +299,7 @@ def test_step_compiles_fullgraph_and_matches_eager():
     torch.manual_seed(0)
     eager_net = init_weights_(conv_net())
     comp_net = copy.deepcopy(eager_net)
-    eager, comp = AGD(eager_net), AGD(comp_net)
+    eager, comp = AGD(eager_net, direction="frobenius"), AGD(comp_net, direction="frobenius")
     compiled_step = torch.compile(comp.step, fullgraph=True)
     x, y = torch.randn(4, 3, 11, 11), torch.randn(4, 5)
     for i in range(3):
@@ -345,7 +345,7 @@ def test_large_conv_weights_take_the_same_step(layout, masked, monkeypatch):
         params = [w.clone().requires_grad_() for w in ws]
         for p, g in zip(params, gs, strict=True):
             p.grad = g.clone()
-        opt = AGD(params, gain=2.0, foreach=foreach)
+        opt = AGD(params, gain=2.0, foreach=foreach, direction="frobenius")
         opt.step()
         assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
         for p, e in zip(params, expected, strict=True):
@@ -377,7 +377,7 @@ def test_fast_path_matches_the_loop_on_large_conv_shapes(shape, layout, dtype, s
     for foreach in (True, False):
         p, q = w.clone().requires_grad_(), head.clone().requires_grad_()
         p.grad, q.grad = g.clone(), torch.ones_like(head)
-        opt = AGD([p, q], foreach=foreach)
+        opt = AGD([p, q], foreach=foreach, direction="frobenius")
         opt.step()
         results.append((opt.eta.item(), p.detach()))
     (eta_fast, fast), (eta_loop, loop) = results
@@ -391,7 +391,7 @@ def test_fast_path_follows_layout_changes_between_steps():
     torch.manual_seed(0)
     ws, gs = large_weights("contiguous")
     params = [w.clone().requires_grad_() for w in ws]
-    opt = AGD(params)
+    opt = AGD(params, direction="frobenius")
     cases = [
         list(gs),
         [None, *gs[1:]],
@@ -423,7 +423,7 @@ def test_cuda_step_never_syncs_and_matches_the_cpu():
     on_gpu = [w.cuda().requires_grad_() for w in cpu]
     for a, b, g in zip(on_cpu, on_gpu, grads, strict=True):
         a.grad, b.grad = g.clone(), g.cuda()
-    opt_cpu, opt_gpu = AGD(on_cpu), AGD(on_gpu)
+    opt_cpu, opt_gpu = AGD(on_cpu, direction="frobenius"), AGD(on_gpu, direction="frobenius")
     opt_cpu.step()
     opt_gpu.step()  # first step allocates eta and the counters
     torch.cuda.synchronize()

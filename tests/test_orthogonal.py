@@ -315,20 +315,59 @@ def test_a_non_finite_gradient_skips_the_step(foreach, masked, monkeypatch):
     assert all(torch.equal(opt.state[w]["momentum_buffer"], torch.zeros_like(w)) for w in ws)
 
 
-def test_the_default_and_frobenius_are_the_papers_rule_bit_for_bit():
+def test_the_default_is_orthogonal_with_momentum_and_frobenius_alone_is_the_papers_rule_bit_for_bit():
     torch.manual_seed(0)
     a = CharLM(32, dim=16, layers=1, heads=2, context=8)
-    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    b, c, d = copy.deepcopy(a), copy.deepcopy(a), copy.deepcopy(a)
     idx = torch.randint(0, 32, (3, 8))
-    for net, opt in ((a, AGD(a)), (b, AGD(b, direction="frobenius")), (c, AGD(c, direction="orthogonal"))):
+    opts = (AGD(a), AGD(b, direction="orthogonal", momentum=0.9), AGD(c, direction="frobenius"),
+            AGD(d, direction="frobenius", momentum=0.0))
+    assert [{g["momentum"] for g in o.param_groups} for o in opts] == [{0.9}, {0.9}, {0.0}, {0.0}]
+    assert {g["direction"] for g in opts[0].param_groups} == {"orthogonal"}
+    for _ in range(2):  # the second step moves along the momentum buffers too
+        for net, opt in zip((a, b, c, d), opts, strict=True):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(idx).flatten(0, 1), idx.flatten()).backward()
+            opt.step()
+    for p, q, r, t in zip(a.parameters(), b.parameters(), c.parameters(), d.parameters(), strict=True):
+        assert torch.equal(p, q) and torch.equal(r, t)
+    assert "momentum_buffer" in opts[0].state[next(a.parameters())]  # the default keeps a buffer
+    assert "momentum_buffer" not in opts[2].state[next(c.parameters())]  # the paper's rule keeps none
+    # the orthogonal direction moves the matrices only: the embedding, slots and norms as under
+    # the Frobenius rule with the same momentum
+    torch.manual_seed(0)
+    f = CharLM(32, dim=16, layers=1, heads=2, context=8)
+    g = copy.deepcopy(f)
+    for net, opt in ((f, AGD(f)), (g, AGD(g, direction="frobenius", momentum=0.9))):
         nn.functional.cross_entropy(net(idx).flatten(0, 1), idx.flatten()).backward()
         opt.step()
-    for p, q, r in zip(a.parameters(), b.parameters(), c.parameters(), strict=True):
-        assert torch.equal(p, q)
-    # the orthogonal direction moves the matrices only: the embedding, slots and norms as before
-    names = [n for n, _ in a.named_parameters()]
-    same = {n for n, p, r in zip(names, a.parameters(), c.parameters(), strict=True) if torch.equal(p, r)}
+    names = [n for n, _ in f.named_parameters()]
+    same = {n for n, p, r in zip(names, f.parameters(), g.parameters(), strict=True) if torch.equal(p, r)}
     assert same == {"embed.weight", "pos"} | {n for n in names if "norm" in n or n.startswith("ln.")}
+
+
+def test_a_groups_momentum_not_given_follows_its_own_direction():
+    net = nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False), nn.Linear(3, 2, bias=False))
+    def groups():  # fresh dicts: torch.optim fills in the ones it is given
+        return [{"params": list(net[0].parameters())},
+                {"params": list(net[2].parameters()), "direction": "frobenius"},
+                {"params": list(net[3].parameters()), "direction": "frobenius", "momentum": 0.5}]
+    opt = AGD(groups())
+    assert [(g["direction"], g["momentum"]) for g in opt.param_groups] == [
+        ("orthogonal", 0.9), ("frobenius", 0.0), ("frobenius", 0.5)]
+    assert opt.defaults["momentum"] is None  # so a group added later resolves it by its own direction
+    extra = nn.Linear(2, 2)
+    opt.add_param_group({"params": [extra.weight], "direction": "frobenius"})
+    opt.add_param_group({"params": [extra.bias], "kind": "bias"})
+    assert [g["momentum"] for g in opt.param_groups[3:]] == [0.0, 0.9]
+    plain = AGD(net.parameters(), direction="frobenius", momentum=0.3)
+    assert {g["momentum"] for g in plain.param_groups} == {0.3}  # given: kept
+    clone = AGD(nn.Sequential(nn.Linear(4, 6, bias=False), nn.ReLU(), nn.Linear(6, 3, bias=False)).parameters())
+    state = AGD(groups()).state_dict()
+    assert [g["momentum"] for g in state["param_groups"]] == [0.9, 0.0, 0.5]
+    with pytest.raises(UsageError, match=r"^AGD momentum must be in \[0, 1\), got 1.5$"):
+        AGD(net, momentum=1.5)
+    assert {g["momentum"] for g in clone.param_groups} == {0.9}
 
 
 def test_functional_agd_takes_the_same_orthogonal_step():
@@ -338,7 +377,7 @@ def test_functional_agd_takes_the_same_orthogonal_step():
     a = [w.clone().requires_grad_() for w in ws]
     for w, g in zip(a, gs, strict=True):
         w.grad = g.clone()
-    AGD([{"params": a[:2]}, {"params": a[2:], "kind": "embedding"}], direction="orthogonal", depth=3).step()
+    AGD([{"params": a[:2]}, {"params": a[2:], "kind": "embedding"}], direction="orthogonal", depth=3, momentum=0.0).step()
     b = [w.clone() for w in ws]
     agd(b, gs, rules=["weight", "weight", "embedding"], depth=3, direction="orthogonal")
     for p, q in zip(a, b, strict=True):
@@ -387,7 +426,7 @@ def test_a_joined_bias_moves_with_its_layers_direction_whatever_its_group_says()
     before = lin.bias.detach().clone()
     groups = [{"params": [("weight", lin.weight)], "direction": "orthogonal"},
               {"params": [("bias", lin.bias)], "kind": "bias", "direction": "frobenius"}]
-    opt = AGD(groups, depth=1)
+    opt = AGD(groups, depth=1, momentum=0.0)
     opt.step()
     aug = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)
     s = math.sqrt(6 / 5)

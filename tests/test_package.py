@@ -47,7 +47,7 @@ def test_functional_agd_with_momentum_matches_the_class_and_the_reference(foreac
     expected = reference_momentum_steps(ws, steps, 0.9, nesterov=nesterov)
     fn_ws = [w.clone() for w in ws]
     cls_ws = [w.clone().requires_grad_() for w in ws]
-    opt = AGD(cls_ws, momentum=0.9, nesterov=nesterov, foreach=foreach)
+    opt = AGD(cls_ws, momentum=0.9, nesterov=nesterov, foreach=foreach, direction="frobenius")
     buffers = [None] * len(ws)
     for gs in steps:
         agd(fn_ws, gs, buffers, momentum=0.9, nesterov=nesterov, foreach=foreach)
@@ -110,7 +110,7 @@ def test_a_registered_rule_trains_a_custom_module():
 
     net = nn.Sequential(Mine(4, 8), nn.ReLU(), Mine(8, 3))
     with pytest.raises(UsageError, match="no weight tensor to count as a layer"):  # unregistered: every
-        AGD(net, depth="weights")                                              # parameter is raw, no layer
+        AGD(net, depth="weights", direction="frobenius")                                              # parameter is raw, no layer
     register_rule(Mine, {"kernel": rules.Weight(), "scale": "norm"})
     groups = {g["kind"]: [n for n, _ in g["params"]] for g in rules.module_param_groups(net)}
     assert groups == {"weight": ["0.kernel", "2.kernel"], "norm": ["0.scale", "2.scale"]}
@@ -120,7 +120,7 @@ def test_a_registered_rule_trains_a_custom_module():
     assert torch.equal(net[0].scale.detach(), torch.ones(8))  # the norm rule's gamma = 1
     x = torch.randn(64, 4)
     y = x[:, :3].relu()  # a target the net can fit
-    opt = AGD(net)
+    opt = AGD(net, direction="frobenius")
     assert opt.depth == 2  # the two kernels are layers; the scales are not
     losses = []
     for _ in range(30):
@@ -162,7 +162,7 @@ def test_a_rule_of_the_users_own_kind_is_a_param_group_kind_too():
     w.grad = torch.randn(4, 3, dtype=torch.float64)
     literal = [([(0, (slice(0, 2), slice(None)))], 1.0), ([(0, (slice(2, 4), slice(None)))], 1.0)]
     expected, eta_ref = reference_blocks_step([w], [w.grad], literal, depth=1)
-    opt = AGD([{"params": [w], "kind": "halves"}])
+    opt = AGD([{"params": [w], "kind": "halves"}], direction="frobenius")
     opt.step()
     assert opt.eta.item() == pytest.approx(eta_ref, rel=1e-12)
     torch.testing.assert_close(w.detach(), expected[0], rtol=1e-12, atol=1e-12)
@@ -179,7 +179,7 @@ def test_a_refused_param_group_leaves_the_optimizer_as_it_was(bad_group):
     torch.manual_seed(0)
     w = torch.randn(4, 3, requires_grad=True)
     w.grad = torch.randn(4, 3)
-    opt = AGD([w], momentum=0.5)
+    opt = AGD([w], momentum=0.5, direction="frobenius")
     opt.step()
     saved_state, saved_groups = copy.deepcopy(opt.state_dict()), copy.deepcopy(opt.param_groups)
     with pytest.raises(UsageError):

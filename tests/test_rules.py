@@ -101,7 +101,7 @@ def test_each_rule_takes_the_literal_step(case, foreach):
             else:
                 covered[i][idx] = True
     assert all(c.all() for c in covered)
-    opt = AGD(model, lr=0.5, gain=5.0, depth=depth, foreach=foreach)
+    opt = AGD(model, lr=0.5, gain=5.0, depth=depth, foreach=foreach, direction="frobenius")
     opt.step()
     assert opt.eta.item() == pytest.approx(eta, rel=1e-12)
     for (name, p), e in zip(model.named_parameters(), expected, strict=True):
@@ -115,7 +115,7 @@ def test_depthwise_conv_blocks_are_per_channel_with_the_layers_scale():
     conv = nn.Conv2d(8, 8, 3, groups=8, bias=False)
     conv.weight.grad = torch.randn_like(conv.weight)
     before = conv.weight.detach().clone()
-    opt = AGD(conv, depth=1)
+    opt = AGD(conv, depth=1, direction="frobenius")
     opt.step()
     moved = (conv.weight.detach() - before).abs()
     torch.testing.assert_close(moved, torch.full_like(moved, opt.eta.item() / 3), rtol=1e-5, atol=0)
@@ -128,7 +128,7 @@ def test_tied_embedding_and_head_is_one_tied_table_with_the_heads_scale():
     model = nn.ModuleDict(dict(emb=emb, head=head))
     groups = module_param_groups(model)
     assert [(g["kind"], len(g["params"])) for g in groups] == [("tied", 1)]
-    assert AGD(model).depth == 1
+    assert AGD(model, direction="frobenius").depth == 1
     init_weights_(model)
     # rows of norm 1 (the head's), not sqrt(d) (an embedding's)
     torch.testing.assert_close(emb.weight.detach().norm(dim=1), torch.ones(11))
@@ -137,7 +137,7 @@ def test_tied_embedding_and_head_is_one_tied_table_with_the_heads_scale():
     before = emb.weight.detach().clone()
     literal = [([(0, (r, slice(None)))], 1.0) for r in range(11)]
     expected, eta = reference_blocks_step([before], [emb.weight.grad], literal, depth=1)
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     opt.step()
     assert opt.eta.item() == pytest.approx(eta, rel=1e-6)
     torch.testing.assert_close(emb.weight.detach(), expected[0].float(), rtol=1e-5, atol=1e-6)
@@ -157,9 +157,9 @@ def test_kinds_resolved_from_a_module():
 def test_tensors_without_a_module_need_a_kind_for_1d():
     w, b = torch.randn(3, 4, requires_grad=True), torch.randn(3, requires_grad=True)
     with pytest.raises(UsageError, match=r"AGD\(model\).*kind='bias'") as err:
-        AGD([w, b])
+        AGD([w, b], direction="frobenius")
     assert "\n" not in str(err.value)
-    opt = AGD([{"params": [w]}, {"params": [b], "kind": "bias"}])
+    opt = AGD([{"params": [w]}, {"params": [b], "kind": "bias"}], direction="frobenius")
     w.grad, b.grad = torch.randn(3, 4), torch.randn(3)
     before = b.detach().clone()
     opt.step()
@@ -176,18 +176,18 @@ def test_tensors_without_a_module_need_a_kind_for_1d():
 def test_a_kind_that_cannot_apply_is_a_one_line_error(bad, needle):
     w = torch.randn(6, 4, requires_grad=True)
     with pytest.raises(UsageError, match=needle) as err:
-        AGD([{"params": [w], **bad}])
+        AGD([{"params": [w], **bad}], direction="frobenius")
     assert "\n" not in str(err.value)
 
 
 def test_layers_without_a_rule_are_refused_by_name():
     with pytest.raises(UsageError, match=r"rnn\.weight_ih_l0 \(LSTM\)"):
-        AGD(nn.ModuleDict(dict(rnn=nn.LSTM(3, 4))))
+        AGD(nn.ModuleDict(dict(rnn=nn.LSTM(3, 4))), direction="frobenius")
 
 
 def test_add_param_group_applies_the_same_rules():
     w = torch.randn(4, 3, requires_grad=True)
-    opt = AGD([w])
+    opt = AGD([w], direction="frobenius")
     with pytest.raises(UsageError, match="1-D"):
         opt.add_param_group({"params": [torch.randn(4, requires_grad=True)]})
     opt.add_param_group({"params": [torch.randn(5, 4, requires_grad=True)]})
@@ -204,23 +204,23 @@ def test_depth_counts_layers_in_series():
     from torch_agd.models import build_model
 
     cifar = DATASETS["cifar10"]
-    assert AGD(torchvision.models.resnet18(num_classes=10)).depth == 1 + 8 + 1
-    assert AGD(torchvision.models.resnet18(num_classes=10), depth="weights").depth == 21
+    assert AGD(torchvision.models.resnet18(num_classes=10), direction="frobenius").depth == 1 + 8 + 1
+    assert AGD(torchvision.models.resnet18(num_classes=10), depth="weights", direction="frobenius").depth == 21
     vit = torchvision.models.VisionTransformer(image_size=28, patch_size=7, num_layers=3, num_heads=2,
                                                hidden_dim=8, mlp_dim=16, num_classes=10)
-    assert AGD(vit).depth == 1 + 2 * 3 + 1  # patch embedding, attention and MLP of each block, head
+    assert AGD(vit, direction="frobenius").depth == 1 + 2 * 3 + 1  # patch embedding, attention and MLP of each block, head
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
     lm = nn.ModuleDict(dict(embed=nn.Embedding(10, 8), blocks=nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
                             head=nn.Linear(8, 10)))
-    assert AGD(lm).depth == 1 + 2 * 2 + 1
+    assert AGD(lm, direction="frobenius").depth == 1 + 2 * 2 + 1
     decoder = nn.TransformerDecoder(nn.TransformerDecoderLayer(8, 2, 16), 2)
-    assert AGD(decoder).depth == 3 * 2
+    assert AGD(decoder, direction="frobenius").depth == 3 * 2
     # networks without residual blocks keep the paper's count
-    assert AGD(build_model("fcn", DATASETS["mnist"], depth=6, width=8)).depth == 6
-    assert AGD(build_model("vgg", cifar)).depth == 14
-    assert AGD(build_model("resnet18", cifar)).depth == 10
-    assert AGD(build_model("resnet18", cifar), depth="weights").depth == 21
-    assert AGD(build_model("resnet18", cifar), depth=7).depth == 7
+    assert AGD(build_model("fcn", DATASETS["mnist"], depth=6, width=8), direction="frobenius").depth == 6
+    assert AGD(build_model("vgg", cifar), direction="frobenius").depth == 14
+    assert AGD(build_model("resnet18", cifar), direction="frobenius").depth == 10
+    assert AGD(build_model("resnet18", cifar), depth="weights", direction="frobenius").depth == 21
+    assert AGD(build_model("resnet18", cifar), depth=7, direction="frobenius").depth == 7
 
 
 def test_repeated_blocks_count_once_each():
@@ -233,10 +233,10 @@ def test_repeated_blocks_count_once_each():
             return x + self.b(self.a(x).relu())
 
     model = nn.Sequential(nn.Linear(3, 4), *[Block() for _ in range(5)], nn.Linear(4, 2))
-    assert AGD(model).depth == 7
-    assert AGD(model, depth="weights").depth == 12
+    assert AGD(model, direction="frobenius").depth == 7
+    assert AGD(model, depth="weights", direction="frobenius").depth == 12
     # a ModuleDict of blocks (torchtitan keeps its layers so, by name, for pipeline stages)
-    assert AGD(nn.ModuleDict({str(i): Block() for i in range(3)})).depth == 3
+    assert AGD(nn.ModuleDict({str(i): Block() for i in range(3)}), direction="frobenius").depth == 3
 
     class AttentionBlock(nn.Module):  # a transformer block of one's own: attention and MLP branches
         def __init__(self):
@@ -244,7 +244,7 @@ def test_repeated_blocks_count_once_each():
             self.attn, self.mlp = nn.MultiheadAttention(4, 2), nn.Linear(4, 4)
 
     model = nn.Sequential(nn.Linear(3, 4), nn.ModuleList([AttentionBlock() for _ in range(3)]), nn.Linear(4, 2))
-    assert AGD(model).depth == 1 + 2 * 3 + 1
+    assert AGD(model, direction="frobenius").depth == 1 + 2 * 3 + 1
 
 
 # ---------------------------------------------------------------- initialisation
@@ -312,7 +312,7 @@ def test_real_models_train_with_no_other_change(which):
 
         model, x = CharLM(vocab=20, dim=16, layers=2, heads=2, context=8, tied=True), torch.randint(0, 20, (4, 8))
     init_weights_(model)
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     before = [p.detach().clone() for p in model.parameters()]
     out = model(x)
     out.float().square().mean().backward()

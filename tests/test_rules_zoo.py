@@ -68,7 +68,7 @@ def literal_step(model, blocks, depth, foreach):
     for p in params:
         p.grad = torch.randn_like(p)
     expected, eta = reference_blocks_step(params, [p.grad for p in params], blocks, depth)
-    opt = AGD(model, depth=depth, foreach=foreach)
+    opt = AGD(model, depth=depth, foreach=foreach, direction="frobenius")
     opt.step()
     assert opt.eta.item() == pytest.approx(eta, rel=1e-5)
     assert len(params) == len(expected) >= 1
@@ -121,7 +121,7 @@ def test_gains_outside_torchs_norms_are_one_block_and_keep_their_init(build, for
     assert torch.equal(p.detach(), before)  # Gemma's 1 + weight starts at 0; a layer scale near 0
     literal = [([(0, ("flat", c)) for c in range(5)], 1.0)]
     net = nn.Sequential(nn.Linear(3, 5, bias=False), model)  # the gain does not count toward L
-    assert AGD(net).depth == 1
+    assert AGD(net, direction="frobenius").depth == 1
     literal_step(model, literal, depth=1, foreach=foreach)
 
 
@@ -178,7 +178,7 @@ def test_any_other_extra_parameter_of_a_conv_is_refused_by_name():
             self.mix = nn.Parameter(torch.ones(3, 3))
 
     with pytest.raises(UsageError, match=r"AGD has no rule for 1\.mix \(Odd\): it is neither") as err:
-        AGD(nn.Sequential(nn.ReLU(), Odd()))
+        AGD(nn.Sequential(nn.ReLU(), Odd()), direction="frobenius")
     assert "\n" not in str(err.value) and "register_rule" in str(err.value)
 
 
@@ -209,7 +209,7 @@ def test_a_bias_whose_layer_is_a_tied_table_is_a_slot_of_its_own():
 
 def train(model, batch, loss_of, steps=8):
     init_weights_(model)
-    opt = AGD(model)
+    opt = AGD(model, direction="frobenius")
     losses = []
     for _ in range(steps):
         opt.zero_grad()

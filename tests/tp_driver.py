@@ -112,7 +112,8 @@ def built(mesh, dp: bool, options: dict):
     init_weights_(model)
     ref = copy.deepcopy(model)
     shard(model, mesh, dp)
-    options = dict(options, depth=AGD(ref).depth)  # FSDP's wrapper classes must not change L
+    # FSDP's wrapper classes must not change L; the paper's rule unless a case names a direction
+    options = {"direction": "frobenius", "momentum": 0.0, **options, "depth": AGD(ref).depth}
     return model, ref, AGD(model, **options), AGD(ref, **options)
 
 
@@ -196,7 +197,7 @@ def run_resume_load(mesh, rank: int, world: int, ckpt: Path, counts: dict) -> di
     return record
 
 
-RESUME_OPTIONS = dict(momentum=0.9)
+RESUME_OPTIONS = dict(momentum=0.9, direction="frobenius")
 
 CASES_2x2 = {
     "frobenius": dict(options={}),

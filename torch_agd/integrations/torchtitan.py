@@ -66,9 +66,9 @@ class AGDOptimizers(OptimizersContainer):
         lr: float = 1.0
         gain: float = 1.0
         depth: int | str | None = None
-        momentum: float = 0.0
+        momentum: float | None = None  # AGD's: 0.9 under the orthogonal direction, 0 under "frobenius"
         nesterov: bool = True
-        direction: str = "frobenius"
+        direction: str = "orthogonal"  # AGD's default; "frobenius" is the paper's rule
         init_weights: bool = False
 
     def __init__(self, config: Config, *, model_parts: list[nn.Module]) -> None:

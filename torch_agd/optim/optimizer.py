@@ -35,16 +35,33 @@ def _check_multiplier(name: str, value, where: str = "") -> None:
         raise UsageError(f"AGD {name}{where} must be a positive finite number, got {value!r}")
 
 
-def _check_group(group: dict, where: str) -> None:
-    """The rules every param group obeys, in the constructor and in add_param_group alike."""
+# The defaults are the configuration measured best (docs/results-compare.md: the orthogonal
+# direction with Nesterov momentum 0.9, ahead of the paper's rule on every model there).
+# direction="frobenius" alone is the paper's rule: a group's momentum, when not given, is 0.9
+# under the orthogonal directions and the paper's 0 under "frobenius".
+DEFAULT_DIRECTION = "orthogonal"
+
+
+def default_momentum(direction: str) -> float:
+    """The momentum of a group that gives none: the paper's 0 for its rule, else 0.9."""
+    return 0.0 if direction == "frobenius" else 0.9
+
+
+def _check_group(group: dict, where: str, resolve: bool = True) -> None:
+    """The rules every param group obeys, in the constructor and in add_param_group alike; a
+    group's momentum None (not given) becomes default_momentum of its direction; the
+    constructor's defaults (``resolve=False``) keep None, so each group resolves it by its own
+    direction."""
     _check_multiplier("lr", group["lr"], where)
     _check_multiplier("gain", group["gain"], where)
-    beta = group["momentum"]
+    check_direction(group["direction"], where)
+    if group["momentum"] is None and resolve:
+        group["momentum"] = default_momentum(group["direction"])
+    beta = 0.0 if group["momentum"] is None else group["momentum"]
     if isinstance(beta, bool) or not (isinstance(beta, Real) and 0 <= beta < 1):
         raise UsageError(f"AGD momentum{where} must be in [0, 1), got {beta!r}")
     if not isinstance(group["nesterov"], bool):
         raise UsageError(f"AGD nesterov{where} must be True or False, got {group['nesterov']!r}")
-    check_direction(group["direction"], where)
     depth = group["depth"]
     if not (depth is None or depth == "weights" or isinstance(depth, int) and not isinstance(depth, bool) and depth > 0):
         raise UsageError(f"AGD depth{where} must be a positive integer, 'weights' or None, got {depth!r}")
@@ -83,13 +100,16 @@ class AGD(Optimizer):
         depth: L in the paper. None: for a module, the layers in series along its residual
             path (depth.infer_depth), else the number of weight tensors; "weights": the
             number of weight tensors (the paper's count); or a positive integer.
-        momentum: beta of a buffer m <- beta * m + g (0, the default, is the paper's rule and
-            keeps no state). The blocks of g + beta * m (Nesterov) are normalised in place of g's;
-            G and eta still come from g alone.
+        momentum: beta of a buffer m <- beta * m + g. The blocks of g + beta * m (Nesterov) are
+            moved along in place of g's; G and eta still come from g alone. None (the default):
+            0.9 under the orthogonal directions, 0 under "frobenius" (the paper's rule, which
+            keeps no state), per param group by its direction.
         nesterov: False normalises m itself (heavy ball) instead of g + beta * m.
         maximize: ascend instead of descend.
         foreach: the batched implementation (default True on every device).
-        direction: "frobenius" (the paper's rule: every block moves along D(B) / ||D(B)||_F) or
+        direction: "orthogonal" (the default, with momentum 0.9: the learning-rate-free Muon,
+            the best configuration measured, docs/results-compare.md) or "frobenius" (the paper's
+            rule, exactly, with momentum 0: every block moves along D(B) / ||D(B)||_F).
             "orthogonal": each block of a matrix kind (linear and conv weights per kernel position
             and conv group, q, k, v, each stacked expert, with a joined bias as its last column)
             moves along O(D(B)) ~ U Vᵀ by Newton–Schulz, spending its whole spectral-norm budget
@@ -109,14 +129,14 @@ class AGD(Optimizer):
     """
 
     def __init__(self, params, lr: float | Tensor = 1.0, *, gain: float = 1.0, depth: int | str | None = None,
-                 momentum: float = 0.0, nesterov: bool = True, maximize: bool = False, foreach: bool | None = None,
-                 direction: str = "frobenius"):
+                 momentum: float | None = None, nesterov: bool = True, maximize: bool = False,
+                 foreach: bool | None = None, direction: str = DEFAULT_DIRECTION):
         module = params if isinstance(params, nn.Module) else None
         if module is not None:
             params = module_param_groups(module)
         defaults = dict(lr=lr, gain=gain, depth=depth, momentum=momentum, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, direction=direction)
-        _check_group(defaults, "")
+        _check_group(defaults, "", resolve=False)
         self._new_cache()
         self._constructing = True
         super().__init__(params, defaults)

@@ -181,7 +181,7 @@ class AGDWithAdamW(Composite):
         taken = {id(p) for g in matrices for _, p in g["params"]}
         if depth is None:  # AGD gets groups, not the model, so it cannot see the residual path itself
             depth = infer_depth(model, taken)
-        self.agd = AGD(matrices, gain=gain, depth=depth)
+        self.agd = AGD(matrices, gain=gain, depth=depth, direction="frobenius")  # the paper's rule, as measured
         rest = [p for p in model.parameters() if id(p) not in taken]
         self.adamw = torch.optim.AdamW(rest or [torch.zeros(0, requires_grad=True)], lr=DEFAULT_LR["adamw"],
                                        weight_decay=ADAMW_WEIGHT_DECAY)  # (an empty stand-in: a bias-free net)
