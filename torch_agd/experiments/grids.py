@@ -274,6 +274,8 @@ def compare_table(run_name: str) -> str | None:
     """The compare table a run (or group) name belongs to: its longest COMPARE_MODELS prefix."""
     found = [t for t in COMPARE_MODELS if run_name.startswith(f"{t}-")]
     return max(found, key=len) if found else None
+
+
 _ORTH = ("--optimizer", "agd", "--agd-direction", "orthogonal")
 COMPARE_METHODS = {
     "agd": ("--optimizer", "agd"),
@@ -371,23 +373,27 @@ def _compare_models(s: Scale, dataset: str) -> list[tuple[str, tuple[str, ...]]]
     return [(table, flags[table]) for table in COMPARE_MODELS]
 
 
+def _lr_configs(model: str) -> dict[str, tuple[str, ...]]:
+    """Every lr of AdamW and Muon that ``model`` is tuned over, by configuration name."""
+    lrs = {f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}")
+           for lr in COMPARE_ADAMW_LRS.get(model, ADAMW_LRS)}
+    return lrs | _muon_configs(model)
+
+
 def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
     """The compare grid's configurations of table ``model`` at ``seed``: the methods; at seed 0
     the controls, every lr of AdamW and Muon, and the tuned ones under the linear schedule; at
     other seeds the lr each chose at seed 0 (COMPARE_TUNED). A longer table (COMPARE_LONGER):
     the methods and its base model's tuned lrs at every seed, those under the linear schedule at
     seed 0."""
+    base = COMPARE_LONGER.get(model, model)
+    lrs = _lr_configs(base)
+    tuned = {name: lrs[name] for name in COMPARE_TUNED.get(base, ())}
+    linear = {f"{name}-linear": (*flags, "--schedule", "linear") for name, flags in tuned.items()}
     if model in COMPARE_LONGER:
-        tuned = {n: f for n, f in compare_configs(COMPARE_LONGER[model], 1).items() if n not in COMPARE_METHODS}
-        linear = {f"{n}-linear": (*f, "--schedule", "linear") for n, f in tuned.items()}
         return {**COMPARE_METHODS, **tuned, **(linear if seed == 0 else {})}
-    lrs = {f"adamw-{_lr_tag(lr)}": ("--optimizer", "adamw", "--lr", f"{lr:g}")
-           for lr in COMPARE_ADAMW_LRS.get(model, ADAMW_LRS)}
-    lrs |= _muon_configs(model)
-    tuned = {name: lrs[name] for name in COMPARE_TUNED.get(model, ())}
     if seed > 0:
         return {**COMPARE_METHODS, **tuned}
-    linear = {f"{name}-linear": (*flags, "--schedule", "linear") for name, flags in tuned.items()}
     controls = {**COMPARE_CONTROLS, **(CONV_CONTROLS if model in CONV_MODELS else {})}
     return {**COMPARE_METHODS, **controls, **lrs, **linear}
 
