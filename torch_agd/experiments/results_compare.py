@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from torch_agd.data import TEXT
-from torch_agd.experiments.grids import COMPARE_MODELS, compare_table
+from torch_agd.experiments.grids import COMPARE_LONGER, COMPARE_MODELS, compare_table
 from torch_agd.experiments.findings import ACCURACY, VALIDATION_LOSS, Finding, Metric, Section, compare, pct
 from torch_agd.experiments.plot_panels import Panel, bars_figure
 from torch_agd.experiments.runs import Run, final_stat, group_runs, markdown_table
@@ -138,7 +138,7 @@ def _rows(model: Model) -> list[list[str]]:
 def _grid_line(model: Model, names: Sequence[str], label: str, best: str | None) -> str:
     cells = [f"{model.groups[n][0].param('lr'):g}: {_value(model, [r for r in model.groups[n] if r.param('seed') == 0])[0]}"
              for n in names]
-    if len(names) == 1:  # a longer table: the lr tuned at the shorter budget, not a grid
+    if model.table in COMPARE_LONGER:  # the lr tuned at the shorter budget, not a grid
         return f"- {label} at seed 0, by lr: {cells[0]} (the lr tuned at the shorter budget, not tuned again here)."
     edge = best is not None and best in (names[0], names[-1])
     flag = " **The best lr is at the edge of the grid: widen it.**" if edge else ""
