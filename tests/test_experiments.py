@@ -182,6 +182,33 @@ def test_records_keep_each_finished_run_without_its_checkpoint_and_render_the_sa
     assert page[root] == page[records] and "Not yet run" not in page[records]
 
 
+def test_a_fresh_checkout_runs_only_what_its_records_lack(tmp_path, capsys):
+    # ROOT (checkpoints) is not versioned: a new checkout has the committed records and no runs
+    root, records = tmp_path / "runs", tmp_path / "records"
+    first = FakeTrainer(die_at=3)  # two runs finish (and are recorded), the third is killed
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run(_sweep_args("batch", root, seeds=2, records=records), runner=first)
+    recorded = {Path(_flags(c)["out"]).name for c in first.calls[:2]}
+    shutil.rmtree(root)
+    capsys.readouterr()
+    assert sweep.run(_sweep_args("batch", root, seeds=2, records=records, dry_run=True), runner=FakeTrainer()) == 0
+    states = {line.split()[-1].split("/")[-1]: line.split()[0] for line in capsys.readouterr().out.splitlines()}
+    assert {name for name, state in states.items() if state == "kept"} == recorded and len(states) == 8
+    second = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", root, seeds=2, records=records), runner=second) == 0
+    started = {Path(_flags(c)["out"]).name for c in second.calls}
+    names = {s.name for s in sweep.grid_runs("batch", "small", seeds=2)}
+    assert started == names - recorded and len(started) == len(names) - 2
+    out = capsys.readouterr().out
+    assert f"2 already finished (2 of them only in {records / 'batch'})" in out
+    assert "| bs32 | 2/2 |" in out and "| bs4096 | 2/2 |" in out  # the summary reads the records too
+    # without --records nothing is known to be finished: every run that ROOT lacks runs again
+    shutil.rmtree(root)
+    third = FakeTrainer()
+    assert sweep.run(_sweep_args("batch", root, seeds=2), runner=third) == 0
+    assert len(third.calls) == len(names)
+
+
 def test_failed_runs_are_reported_and_retried(tmp_path, capsys):
     def failing(argv, log_path):
         return 3

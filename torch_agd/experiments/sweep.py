@@ -2,9 +2,10 @@
 
 Each run goes to ROOT/NAME/<group>-s<seed>/ and is launched as its own process
 (``python -m torch_agd train ... --out DIR``), so a crash or a Ctrl-C loses at most the epoch in
-flight. Re-running a sweep skips runs that wrote summary.json, resumes (``--resume``) runs that
-left a checkpoint, and starts the rest. ROOT/NAME/sweep.json records every run's flags, so a
-second sweep with other settings into the same directory is refused instead of silently mixed.
+flight. Re-running a sweep skips runs that wrote summary.json (in ROOT, or in the records of
+``--records`` below), resumes (``--resume``) runs that left a checkpoint, and starts the rest.
+ROOT/NAME/sweep.json records every run's flags, so a second sweep with other settings into the
+same directory is refused instead of silently mixed.
 
 ``--records DIR`` keeps a copy of each finished run's record (config.json, metrics.jsonl,
 summary.json: a few kB, no checkpoint) and of sweep.json under DIR/NAME/, for committing: ROOT
@@ -75,6 +76,13 @@ def run_state(run_dir: Path) -> str:
     return "new"
 
 
+def recorded_state(run_dir: Path, record: Path | None) -> str:
+    """run_state, or 'kept' for a run absent from ROOT whose record is finished: it ran in another
+    checkout (ROOT is not versioned), and its record is all that a results page reads."""
+    state = run_state(run_dir)
+    return "kept" if state == "new" and record is not None and run_state(record) == "done" else state
+
+
 def _check_manifest(sweep_dir: Path, name: str, scale: str, specs: Sequence[RunSpec]) -> dict:
     """Merge this sweep's runs into sweep.json; refuse a run whose flags changed."""
     path = sweep_dir / SWEEP_MANIFEST
@@ -124,15 +132,20 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
         rundir.write_json(kept / SWEEP_MANIFEST, _check_manifest(kept, name, scale, specs))
     outcome = SweepOutcome([], [], [])
     todo = []
+    recorded = 0
     for spec in specs:
-        state = run_state(sweep_dir / spec.name)
+        state = recorded_state(sweep_dir / spec.name, None if kept is None else kept / spec.name)
         if state == "done":
             outcome.skipped.append(spec.name)
             if kept is not None:
                 keep_record(sweep_dir / spec.name, kept)
+        elif state == "kept":
+            outcome.skipped.append(spec.name)
+            recorded += 1
         else:
             todo.append((spec, state))
-    log(f"sweep {name}: {len(specs)} runs, {len(outcome.skipped)} already finished, "
+    only_kept = f" ({recorded} of them only in {kept})" if recorded else ""
+    log(f"sweep {name}: {len(specs)} runs, {len(outcome.skipped)} already finished{only_kept}, "
         f"{len(todo)} to run")
 
     def launch(spec: RunSpec, state: str) -> tuple[RunSpec, int, float]:
@@ -187,7 +200,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="runs go to ROOT/NAME/<run>/ (default runs)")
     parser.add_argument("--records", type=Path, default=None, metavar="DIR",
                         help="also keep each finished run's config, metrics and summary (no checkpoint) "
-                             "under DIR/NAME/, to commit and render results from (e.g. records)")
+                             "under DIR/NAME/, to commit and render results from (e.g. records); a run recorded "
+                             "there and absent from ROOT counts as finished")
     parser.add_argument("--dataset", default=None, help="override the scale's dataset")
     parser.add_argument("--epochs", type=int, default=None,
                         help="override the scale's epochs (lr, shape, batch, peers; batch-steps: its steps follow)")
@@ -221,14 +235,17 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
     if args.only:
         specs = only(specs, args.only)
     sweep_dir = Path(args.root) / args.name
+    kept = None if args.records is None else Path(args.records) / args.name
     if args.dry_run:
         for spec in specs:
-            state = run_state(sweep_dir / spec.name)
+            state = recorded_state(sweep_dir / spec.name, None if kept is None else kept / spec.name)
             print(f"{state:6}  agd train {' '.join(spec.argv)} --out {sweep_dir / spec.name}")
         return 0
     outcome = run_sweep(args.name, specs, args.root, runner or SubprocessRunner(args.threads),
                         scale=args.scale, jobs=args.jobs, records=args.records)
-    runs = [load_run(sweep_dir / spec.name) for spec in specs if has_metrics(sweep_dir / spec.name)]
+    dirs = [sweep_dir / spec.name if has_metrics(sweep_dir / spec.name) or kept is None else kept / spec.name
+            for spec in specs]
+    runs = [load_run(run_dir) for run_dir in dirs if has_metrics(run_dir)]
     if runs:
         print(summary_table(runs))
     if outcome.failed:
