@@ -127,6 +127,11 @@ def test_a_longer_budget_is_a_table_of_its_own_with_the_lrs_tuned_at_the_shorter
 def test_a_shorter_table_with_one_lr_run_so_far_is_a_grid_to_finish_not_a_tuned_lr(tmp_path):
     # a 300-step table whose sweep has run one AdamW lr so far: not "tuned at the shorter budget"
     _write(tmp_path, {"agd": (2.2,), "adamw-lr3e-03": (2.0,)})
-    text = results_compare.render_compare(find_runs([tmp_path])).text
+    section = results_compare.render_compare(find_runs([tmp_path]))
+    text = section.text
+    # and a verdict against the rivals run so far names those not run yet
+    assert ("- Target for the paper's rule (`direction=\"frobenius\"`, the trainer's default) (at or above tuned "
+            "AdamW, tuned Muon and every peer): **missed**: behind adamw-lr3e-03 (not run yet: tuned Muon, "
+            "Prodigy, Schedule-Free).") in text
     assert "- AdamW at seed 0, by lr: 0.003: 2.0000. **The best lr is at the edge of the grid: widen it.**" in text
     assert "shorter budget, not tuned" not in text

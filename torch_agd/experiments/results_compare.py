@@ -184,7 +184,12 @@ TARGETS = (("agd-orth-linear", "AGD as shipped (the README's first example: its 
 def _target(model: Model) -> list[str]:
     """Issue 21's target on this model (at or above tuned AdamW, tuned Muon and every peer), for
     each of TARGETS that ran: met or missed, plainly."""
-    others = [n for n in (model.adamw, model.muon, "prodigy", "schedulefree") if n in model.groups]
+    rivals = {"tuned AdamW": model.adamw, "tuned Muon": model.muon, "Prodigy": "prodigy",
+              "Schedule-Free": "schedulefree"}
+    others = [n for n in rivals.values() if n in model.groups]
+    # a verdict against the rivals run so far says which have not run: "met" is not met by all yet
+    missing = [name for name, config in rivals.items() if config not in model.groups]
+    unrun = f" (not run yet: {', '.join(missing)})" if missing else ""
     lines = []
     for config, what in TARGETS:
         if config not in model.groups:
@@ -195,7 +200,8 @@ def _target(model: Model) -> list[str]:
             continue
         a = final_stat(model.groups[config], model.metric.key)
         behind = [n for n in others if model.metric.gap(a, final_stat(model.groups[n], model.metric.key)) > 0]
-        lines.append(f"{head}: **met**." if not behind else f"{head}: **missed**: behind {', '.join(behind)}.")
+        verdict = "**met**" if not behind else f"**missed**: behind {', '.join(behind)}"
+        lines.append(f"{head}: {verdict}{unrun}.")
     return lines or ["Target: cannot be checked yet (no AGD row has run)."]
 
 
