@@ -76,11 +76,12 @@ def run_state(run_dir: Path) -> str:
     return "new"
 
 
-def recorded_state(run_dir: Path, record: Path | None) -> str:
-    """run_state, or 'kept' for a run absent from ROOT whose record is finished: it ran in another
-    checkout (ROOT is not versioned), and its record is all that a results page reads."""
-    state = run_state(run_dir)
-    return "kept" if state == "new" and record is not None and run_state(record) == "done" else state
+def recorded_state(sweep_dir: Path, kept: Path | None, name: str) -> str:
+    """run_state of sweep_dir/name, or 'kept' for a run absent from ROOT whose record kept/name is
+    finished: it ran in another checkout (ROOT is not versioned), and its record is all that a
+    results page reads."""
+    state = run_state(sweep_dir / name)
+    return "kept" if state == "new" and kept is not None and run_state(kept / name) == "done" else state
 
 
 def _check_manifest(sweep_dir: Path, name: str, scale: str, specs: Sequence[RunSpec]) -> dict:
@@ -134,7 +135,7 @@ def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *
     todo = []
     recorded = 0
     for spec in specs:
-        state = recorded_state(sweep_dir / spec.name, None if kept is None else kept / spec.name)
+        state = recorded_state(sweep_dir, kept, spec.name)
         if state == "done":
             outcome.skipped.append(spec.name)
             if kept is not None:
@@ -238,7 +239,7 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
     kept = None if args.records is None else Path(args.records) / args.name
     if args.dry_run:
         for spec in specs:
-            state = recorded_state(sweep_dir / spec.name, None if kept is None else kept / spec.name)
+            state = recorded_state(sweep_dir, kept, spec.name)
             print(f"{state:6}  agd train {' '.join(spec.argv)} --out {sweep_dir / spec.name}")
         return 0
     outcome = run_sweep(args.name, specs, args.root, runner or SubprocessRunner(args.threads),
