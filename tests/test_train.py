@@ -186,13 +186,18 @@ def test_the_schedule_and_muons_flags_in_the_config():
     config = _config("--optimizer", "muon", "--schedule", "cosine", "--warmup", "5")
     assert (config.schedule, config.warmup, config.lr, config.aux_lr, config.muon_adjust_lr) == \
         ("cosine", 5, 0.02, 1e-3, "original")
-    config = _config("--optimizer", "muon", "--muon-adjust-lr", "match_rms_adamw", "--aux-lr", "3e-3")
-    assert (config.lr, config.aux_lr, config.muon_adjust_lr) == (1e-3, 3e-3, "match_rms_adamw")
+    assert config.muon_ns_dtype == "bfloat16"  # recorded: config.json says which iteration ran
+    config = _config("--optimizer", "muon", "--muon-adjust-lr", "match_rms_adamw", "--aux-lr", "3e-3",
+                     "--muon-ns-dtype", "float32")
+    assert (config.lr, config.aux_lr, config.muon_adjust_lr, config.muon_ns_dtype) == \
+        (1e-3, 3e-3, "match_rms_adamw", "float32")
     plain = _config("--optimizer", "adamw")
-    assert (plain.schedule, plain.warmup, plain.aux_lr, plain.muon_adjust_lr) == ("none", 0, None, None)
+    assert (plain.schedule, plain.warmup, plain.aux_lr, plain.muon_adjust_lr, plain.muon_ns_dtype) == \
+        ("none", 0, None, None, None)
     for flags, message in [(("--optimizer", "adam", "--muon-adjust-lr", "original"),
                             "--muon-adjust-lr only applies to --optimizer muon"),
                            (("--aux-lr", "0.1"), "--aux-lr only applies to --optimizer muon"),
+                           (("--muon-ns-dtype", "float32"), "--muon-ns-dtype only applies to --optimizer muon"),
                            (("--warmup", "-1"), "--warmup must be 0 or more steps, got -1")]:
         with pytest.raises(UsageError) as err:
             _config(*flags)

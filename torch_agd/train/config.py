@@ -25,7 +25,7 @@ from torch_agd.optim.orthogonalize import DIRECTIONS
 from torch_agd.train import rundir
 from torch_agd.train.fsdp import SHARDABLE, UNSHARDABLE_PEERS
 from torch_agd.train.loop import LOSSES
-from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR
+from torch_agd.train.muon import ADJUST_LR, DEFAULT_MUON_LR, NS_DTYPES
 from torch_agd.train.optimizers import AGD_HEADS, AGD_OPTIMIZERS, DEFAULT_LR, OPTIMIZERS, PEERS, default_lr, parse_agd_depth
 from torch_agd.train.schedule import SCHEDULES
 
@@ -49,6 +49,8 @@ FLAGS: dict[str, tuple] = {
                             f"{DEFAULT_LR['adamw']:g})"),
     "muon_adjust_lr": (str, None, "muon's lr adjustment per matrix shape (torch's adjust_lr_fn): original "
                                   "(Keller Jordan's, torch's default) or match_rms_adamw (Moonshot's: AdamW's update RMS)"),
+    "muon_ns_dtype": (str, None, "precision of muon's Newton-Schulz iteration: bfloat16 (torch's, the default) or "
+                                 "float32 (the same iteration, several times faster on a CPU without bfloat16 units)"),
     "schedule": (str, "none", "lr multiplier over the run's steps, for every optimizer alike: none, linear or "
                               "cosine (decay to zero at the last step)"),
     "warmup": (int, 0, "steps of linear warmup of the lr multiplier before the schedule"),
@@ -84,7 +86,8 @@ FLAGS: dict[str, tuple] = {
     "out": (str, None, "run directory (default runs/<arch>-<dataset>-<time>)"),
 }
 CHOICES = {"dataset": tuple(DATASETS), "loss": tuple(LOSSES), "optimizer": OPTIMIZERS,
-           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "agd_head": AGD_HEADS, "muon_adjust_lr": ADJUST_LR, "schedule": SCHEDULES}
+           "momentum_form": MOMENTUM_FORMS, "agd_direction": DIRECTIONS, "agd_head": AGD_HEADS, "muon_adjust_lr": ADJUST_LR,
+           "muon_ns_dtype": NS_DTYPES, "schedule": SCHEDULES}
 # Where to find things and how fast to go: free to change on --resume. Every other flag
 # defines the run and must match DIR/config.json.
 SAVED_BEFORE = {"loss": "mse", "agd_depth": "weights", "momentum_form": "nesterov"}
@@ -126,7 +129,7 @@ class TrainConfig:
     """One run, every flag resolved. ``depth`` is the FCN's (--depth) and nothing else's;
     ``agd_depth`` is AGD's L as given (auto, weights or a number); ``nesterov`` is
     --momentum-form nesterov (False: heavy-ball); ``lr`` is None for AGD and for a peer at its
-    package's own default; ``aux_lr`` and ``muon_adjust_lr`` are Muon's (None for the others);
+    package's own default; ``aux_lr``, ``muon_adjust_lr`` and ``muon_ns_dtype`` are Muon's (None for the others);
     ``schedule`` and ``warmup`` shape every optimizer's lr over the run (schedule.py)."""
 
     arch: str
@@ -136,6 +139,7 @@ class TrainConfig:
     lr: float | None
     aux_lr: float | None
     muon_adjust_lr: str | None
+    muon_ns_dtype: str | None
     schedule: str
     warmup: int
     gain: float
@@ -199,7 +203,7 @@ def _check_new(values: dict, given: dict) -> None:
     for flag in ("momentum", "momentum_form", "agd_direction", "agd_head"):
         if flag in given and values["optimizer"] != "agd":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer agd")
-    for flag in ("aux_lr", "muon_adjust_lr"):
+    for flag in ("aux_lr", "muon_adjust_lr", "muon_ns_dtype"):
         if flag in given and values["optimizer"] != "muon":
             raise UsageError(f"{_flag(flag)} only applies to --optimizer muon")
     if values["warmup"] < 0:
@@ -245,6 +249,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     # The defaults that depend on another flag, each resolved here and nowhere else.
     if values["optimizer"] == "muon":  # recorded, so config.json says what the run used
         values["muon_adjust_lr"] = values["muon_adjust_lr"] or ADJUST_LR[0]
+        values["muon_ns_dtype"] = values["muon_ns_dtype"] or NS_DTYPES[0]
         if values["aux_lr"] is None:
             values["aux_lr"] = DEFAULT_LR["adamw"]
     if values["lr"] is None:

@@ -30,6 +30,14 @@ linear map the tensor holds, as a 2-D (out, in) matrix:
 - stacked experts (E, out, in) are E matrices (stacked_t (E, in, out) transposed first).
 Momentum and weight decay are elementwise, so they run on the whole tensor exactly as torch's
 step does; a plain 2-D weight goes to torch.optim.Muon itself.
+
+The Newton-Schulz precision (``ns_dtype``, --muon-ns-dtype): torch's iteration runs in bfloat16,
+fast on a GPU but slow on a CPU without bfloat16 matrix units: on this project's 2-core CPU one
+512 x 4608 filter bank of a ResNet-18 takes 12 s in bfloat16 (a float32 matmul of that size is
+8 times faster than a bfloat16 one), about a minute a step for the whole network. "float32" runs
+the same quintic (Jordan et al.'s coefficients, 5 steps, X first divided by its Frobenius norm)
+in float32 with torch_agd.optim.orthogonalize.newton_schulz, on every hidden matrix (the 2-D
+ones too, through MatrixMuon): a baseline at least as precise, not a different method.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from torch_agd.errors import UsageError
+from torch_agd.optim.orthogonalize import NS_COEFFICIENTS, newton_schulz
 from torch_agd.optim.rules import Tied, Weight, group_rule, module_param_groups, rule_for
 
 # torch.optim.Muon's defaults: Keller Jordan's Newton-Schulz coefficients, 5 steps, momentum 0.95
@@ -50,6 +59,7 @@ ADJUST_LR = ("original", "match_rms_adamw")  # --muon-adjust-lr: torch's default
 # --lr without a value: Keller Jordan's 0.02 at torch's default adjustment; at match_rms_adamw
 # the update has AdamW's RMS, so AdamW's default lr (Moonshot reuse AdamW's tuned lr).
 DEFAULT_MUON_LR = {"original": 0.02, "match_rms_adamw": 1e-3}
+NS_DTYPES = ("bfloat16", "float32")  # --muon-ns-dtype: torch's own, or float32 (fast on a CPU)
 
 
 def _torch_muon():
@@ -68,15 +78,21 @@ class MatrixMuon(Optimizer):
     Each param group names the AGD ``kind`` of its tensors (and ``conv_groups``). Per tensor, as
     torch's ``_single_tensor_muon``: the momentum buffer and the Nesterov mix on the whole tensor,
     torch's Newton-Schulz on each of its matrices (the kind's Rule.flat_matrices), torch's lr adjustment for one
-    matrix's shape (all of a tensor's matrices have one shape), decoupled weight decay, update."""
+    matrix's shape (all of a tensor's matrices have one shape), decoupled weight decay, update.
+    ``ns_dtype`` "float32" runs the iteration in float32 (see the module's docstring)."""
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, adjust_lr_fn: str | None = None):
+                 nesterov: bool = True, adjust_lr_fn: str | None = None, ns_dtype: str = "bfloat16"):
         tm = _torch_muon()
+        if ns_dtype not in NS_DTYPES:
+            raise UsageError(f"--muon-ns-dtype must be one of {', '.join(NS_DTYPES)}, got {ns_dtype!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=(tm.DEFAULT_A, tm.DEFAULT_B, tm.DEFAULT_C), eps=tm.EPS, ns_steps=tm.DEFAULT_NS_STEPS,
-                        adjust_lr_fn=adjust_lr_fn, kind="weight", conv_groups=1)
+                        adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, kind="weight", conv_groups=1)
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            if group["ns_dtype"] == "float32" and tuple(group["ns_coefficients"]) != NS_COEFFICIENTS:
+                raise ValueError("MatrixMuon's float32 iteration has Jordan et al.'s coefficients only")
         for group in self.param_groups:
             rule = rule_for(group["kind"], group["conv_groups"])
             if not rule.matrix:
@@ -105,8 +121,12 @@ class MatrixMuon(Optimizer):
                 buf.lerp_(grad, 1 - momentum)
                 update = grad.lerp(buf, momentum) if group["nesterov"] else buf
                 matrices = rule.flat_matrices(update)
-                ortho = torch.stack([tm._zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"],
-                                                                    group["eps"]) for m in matrices.unbind(0)])
+                # (.get: a checkpoint saved before ns_dtype existed ran torch's bfloat16 iteration)
+                if group.get("ns_dtype", "bfloat16") == "float32":  # the tensor's matrices in one batch
+                    ortho = newton_schulz(matrices.float(), group["ns_steps"]).to(matrices.dtype)
+                else:
+                    ortho = torch.stack([tm._zeropower_via_newtonschulz(m, group["ns_coefficients"], group["ns_steps"],
+                                                                        group["eps"]) for m in matrices.unbind(0)])
                 adjusted = tm._adjust_lr(lr, group["adjust_lr_fn"], ortho.shape[1:])
                 p.mul_(1 - lr * decay)
                 p.add_(rule.from_flat_matrices(ortho, p), alpha=-adjusted)

@@ -195,14 +195,18 @@ class MuonWithAdamW(Composite):
     on the rest: embeddings, the output head, biases, norms. Weight decay 0.01 on every part. The
     split, and how conv filters are flattened, are in torch_agd/train/muon.py; ``example`` is one
     input of the model (muon.example_input), run once to find its output head. ``split`` is the
-    MuonSplit it used. Parts absent from a model (no convs, say) are left out."""
+    MuonSplit it used. Parts absent from a model (no convs, say) are left out. ``ns_dtype``
+    "float32" (muon.NS_DTYPES) runs Newton-Schulz in float32 on every hidden matrix, the 2-D
+    weights too (through MatrixMuon: torch.optim.Muon has no such option)."""
 
     def __init__(self, model: nn.Module, example: torch.Tensor, *, lr: float | None = None,
-                 aux_lr: float | None = None, adjust_lr: str = "original"):
+                 aux_lr: float | None = None, adjust_lr: str = "original", ns_dtype: str = "bfloat16"):
         from torch_agd.train import muon
 
         if adjust_lr not in muon.ADJUST_LR:
             raise UsageError(f"--muon-adjust-lr must be one of {', '.join(muon.ADJUST_LR)}, got {adjust_lr!r}")
+        if ns_dtype not in muon.NS_DTYPES:
+            raise UsageError(f"--muon-ns-dtype must be one of {', '.join(muon.NS_DTYPES)}, got {ns_dtype!r}")
         check_lr("muon", lr)
         check_lr("muon", aux_lr, "--aux-lr")
         lr = muon.DEFAULT_MUON_LR[adjust_lr] if lr is None else lr
@@ -213,14 +217,17 @@ class MuonWithAdamW(Composite):
                              "use --optimizer adamw")
         hyper = dict(lr=lr, weight_decay=ADAMW_WEIGHT_DECAY, adjust_lr_fn=adjust_lr)
         parts: dict[str, Optimizer] = {}
-        if split.muon:
+        matrices = list(split.matrix)
+        if ns_dtype == "float32":  # a plain (out, in) weight is kind "weight" to MatrixMuon
+            matrices = [(name, p, "weight", 1) for name, p in split.muon] + matrices
+        elif split.muon:
             parts["muon"] = torch.optim.Muon([p for _, p in split.muon], **hyper)
-        if split.matrix:
+        if matrices:
             kinds: dict[tuple[str, int], list] = {}
-            for _, p, kind, groups in split.matrix:
+            for _, p, kind, groups in matrices:
                 kinds.setdefault((kind, groups), []).append(p)
             parts["matrix"] = muon.MatrixMuon([{"params": ps, "kind": kind, "conv_groups": groups}
-                                               for (kind, groups), ps in kinds.items()], **hyper)
+                                               for (kind, groups), ps in kinds.items()], ns_dtype=ns_dtype, **hyper)
         if split.adamw:
             parts["adamw"] = torch.optim.AdamW([p for _, p in split.adamw], lr=aux_lr,
                                                weight_decay=ADAMW_WEIGHT_DECAY)
@@ -290,12 +297,14 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
                     agd_depth: str | int | None = "weights", momentum: float = 0.0,
                     nesterov: bool = True, direction: str = "frobenius", agd_head: str = "same", init: bool = True,
                     aux_lr: float | None = None,
-                    muon_adjust_lr: str | None = None, example: torch.Tensor | None = None) -> Optimizer:
+                    muon_adjust_lr: str | None = None, muon_ns_dtype: str | None = None,
+                    example: torch.Tensor | None = None) -> Optimizer:
     """The optimizer ``name`` over ``model``'s parameters. ``lr=None`` means default_lr(name).
     ``agd_depth`` (AGD's L: "auto", "weights" or an integer), ``momentum`` and ``nesterov``
     (False: heavy ball), ``direction`` (orthogonalize.DIRECTIONS) and ``agd_head`` (AGD_HEADS: "frobenius" keeps
     the output head on the paper's rule, found from ``example``) apply to AGD. ``aux_lr`` (AdamW's lr, default 1e-3), ``muon_adjust_lr``
-    ("original", the default, or "match_rms_adamw") and ``example`` (one model input, which finds
+    ("original", the default, or "match_rms_adamw"), ``muon_ns_dtype`` (Newton-Schulz's precision:
+    "bfloat16", torch's and the default, or "float32") and ``example`` (one model input, which finds
     the output head: muon.example_input) apply to Muon (MuonWithAdamW), which needs ``example``.
 
     ``init`` first applies init_weights(name, model), which for "agd" re-initialises the weights:
@@ -316,7 +325,8 @@ def build_optimizer(name: str, model: nn.Module, *, lr: float | None = None, gai
         if example is None:
             raise UsageError("--optimizer muon needs one example input to find the model's output head: "
                              "build_optimizer(..., example=torch_agd.train.muon.example_input(info))")
-        return MuonWithAdamW(model, example, lr=lr, aux_lr=aux_lr, adjust_lr=muon_adjust_lr or "original")
+        return MuonWithAdamW(model, example, lr=lr, aux_lr=aux_lr, adjust_lr=muon_adjust_lr or "original",
+                             ns_dtype=muon_ns_dtype or "bfloat16")
     if name == "agd":
         from torch_agd import AGD
 

@@ -246,7 +246,7 @@ def _build(config: TrainConfig, env: DistEnv):
     optimizer = build_optimizer(config.optimizer, model, lr=config.lr, gain=config.gain, agd_depth=config.agd_depth,
                                 momentum=config.momentum, nesterov=config.nesterov, direction=config.agd_direction,
                                 agd_head=config.agd_head, init=False, aux_lr=config.aux_lr,
-                                muon_adjust_lr=config.muon_adjust_lr,
+                                muon_adjust_lr=config.muon_adjust_lr, muon_ns_dtype=config.muon_ns_dtype,
                                 example=example_input(info) if needs_example(config.optimizer, config.agd_head) else None)
     return model, optimizer
 
