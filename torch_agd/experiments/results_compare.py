@@ -118,7 +118,9 @@ def _value(model: Model, members: Sequence[Run]) -> tuple[str, str]:
 def _lr_of(model: Model, name: str) -> str:
     run = model.groups[name][0]
     adjust = run.param("muon_adjust_lr")
-    return f"lr {run.param('lr'):g}" + (f", {adjust}" if adjust else "")
+    # a Muon run whose Newton-Schulz ran in float32 says so (torch's, and older runs', is bfloat16)
+    ns = ", Newton-Schulz in float32" if run.param("muon_ns_dtype") == "float32" else ""
+    return f"lr {run.param('lr'):g}" + (f", {adjust}" if adjust else "") + ns
 
 
 def _rows(model: Model) -> list[list[str]]:
