@@ -309,6 +309,11 @@ def test_a_bad_newton_schulz_precision_is_a_one_line_error():
         build_optimizer("muon", model, muon_ns_dtype="float16", example=torch.zeros(1, 4))
     with pytest.raises(UsageError, match=r"^--muon-ns-dtype must be one of bfloat16, float32, got 'half'$"):
         MatrixMuon([nn.Parameter(torch.zeros(2, 3))], ns_dtype="half")
+    # a param group's own value, given directly and not through the trainer, is checked too
+    # (it would otherwise fall to torch's bfloat16 branch in step without a word)
+    with pytest.raises(UsageError, match=r"^--muon-ns-dtype must be one of bfloat16, float32, got 'half'$"):
+        MatrixMuon([{"params": [nn.Parameter(torch.zeros(2, 3))]},
+                    {"params": [nn.Parameter(torch.zeros(4, 3))], "ns_dtype": "half"}])
 
 
 # ------------------------------------------------------------------ state, schedulers, the trainer

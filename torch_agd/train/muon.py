@@ -62,6 +62,13 @@ DEFAULT_MUON_LR = {"original": 0.02, "match_rms_adamw": 1e-3}
 NS_DTYPES = ("bfloat16", "float32")  # --muon-ns-dtype: torch's own, or float32 (fast on a CPU)
 
 
+def check_ns_dtype(ns_dtype: str) -> None:
+    """A one-line UsageError unless ``ns_dtype`` is one of NS_DTYPES: the one check for the flag,
+    whether it reaches MuonWithAdamW (which may build no MatrixMuon) or a MatrixMuon param group."""
+    if ns_dtype not in NS_DTYPES:
+        raise UsageError(f"--muon-ns-dtype must be one of {', '.join(NS_DTYPES)}, got {ns_dtype!r}")
+
+
 def _torch_muon():
     """torch's Muon module (torch.optim._muon, torch >= 2.9): its Newton-Schulz iteration, lr
     adjustment and default coefficients, used as they are; or a one-line UsageError."""
@@ -84,16 +91,14 @@ class MatrixMuon(Optimizer):
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, adjust_lr_fn: str | None = None, ns_dtype: str = "bfloat16"):
         tm = _torch_muon()
-        if ns_dtype not in NS_DTYPES:
-            raise UsageError(f"--muon-ns-dtype must be one of {', '.join(NS_DTYPES)}, got {ns_dtype!r}")
         defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                         ns_coefficients=(tm.DEFAULT_A, tm.DEFAULT_B, tm.DEFAULT_C), eps=tm.EPS, ns_steps=tm.DEFAULT_NS_STEPS,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, kind="weight", conv_groups=1)
         super().__init__(params, defaults)
-        for group in self.param_groups:
+        for group in self.param_groups:  # each group's own values, not only the defaults
+            check_ns_dtype(group["ns_dtype"])
             if group["ns_dtype"] == "float32" and tuple(group["ns_coefficients"]) != NS_COEFFICIENTS:
                 raise ValueError("MatrixMuon's float32 iteration has Jordan et al.'s coefficients only")
-        for group in self.param_groups:
             rule = rule_for(group["kind"], group["conv_groups"])
             if not rule.matrix:
                 raise ValueError(f"MatrixMuon takes the kinds of matrix rules, not {group['kind']!r}")

@@ -205,8 +205,7 @@ class MuonWithAdamW(Composite):
 
         if adjust_lr not in muon.ADJUST_LR:
             raise UsageError(f"--muon-adjust-lr must be one of {', '.join(muon.ADJUST_LR)}, got {adjust_lr!r}")
-        if ns_dtype not in muon.NS_DTYPES:
-            raise UsageError(f"--muon-ns-dtype must be one of {', '.join(muon.NS_DTYPES)}, got {ns_dtype!r}")
+        muon.check_ns_dtype(ns_dtype)
         check_lr("muon", lr)
         check_lr("muon", aux_lr, "--aux-lr")
         lr = muon.DEFAULT_MUON_LR[adjust_lr] if lr is None else lr
