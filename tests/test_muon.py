@@ -316,6 +316,26 @@ def test_a_bad_newton_schulz_precision_is_a_one_line_error():
                     {"params": [nn.Parameter(torch.zeros(4, 3))], "ns_dtype": "half"}])
 
 
+def test_a_group_added_later_or_a_checkpoints_groups_are_checked_as_the_built_ones():
+    w = nn.Parameter(torch.randn(4, 3))
+    opt = MatrixMuon([w], ns_dtype="float32")
+    with pytest.raises(UsageError, match=r"^--muon-ns-dtype must be one of bfloat16, float32, got 'half'$"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2, 3))], "ns_dtype": "half"})
+    assert len(opt.param_groups) == 1  # the refused group is not kept
+    saved = opt.state_dict()
+    saved["param_groups"][0]["ns_dtype"] = "half"  # a hand-edited checkpoint
+    with pytest.raises(UsageError, match=r"^--muon-ns-dtype must be one of bfloat16, float32, got 'half'$"):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["ns_dtype"] == "float32"  # refused before anything was loaded
+    saved["param_groups"][0].update(ns_dtype="float32", kind="bias")
+    with pytest.raises(ValueError, match="takes the kinds of matrix rules, not 'bias'"):
+        opt.load_state_dict(saved)
+    del saved["param_groups"][0]["ns_dtype"]  # a checkpoint from before the flag: torch's bfloat16
+    saved["param_groups"][0]["kind"] = "weight"
+    opt.load_state_dict(saved)
+    assert "ns_dtype" not in opt.param_groups[0]
+
+
 # ------------------------------------------------------------------ state, schedulers, the trainer
 
 

@@ -95,15 +95,35 @@ class MatrixMuon(Optimizer):
                         ns_coefficients=(tm.DEFAULT_A, tm.DEFAULT_B, tm.DEFAULT_C), eps=tm.EPS, ns_steps=tm.DEFAULT_NS_STEPS,
                         adjust_lr_fn=adjust_lr_fn, ns_dtype=ns_dtype, kind="weight", conv_groups=1)
         super().__init__(params, defaults)
-        for group in self.param_groups:  # each group's own values, not only the defaults
-            check_ns_dtype(group["ns_dtype"])
-            if group["ns_dtype"] == "float32" and tuple(group["ns_coefficients"]) != NS_COEFFICIENTS:
-                raise ValueError("MatrixMuon's float32 iteration has Jordan et al.'s coefficients only")
-            rule = rule_for(group["kind"], group["conv_groups"])
-            if not rule.matrix:
-                raise ValueError(f"MatrixMuon takes the kinds of matrix rules, not {group['kind']!r}")
-            for p in group["params"]:
-                rule.flat_matrices(p)  # a shape it cannot cut fails here
+
+    @staticmethod
+    def _check_group(group: dict) -> None:
+        """Each group's own values, not only the defaults: whether built here, added later or
+        read from a checkpoint (step would otherwise run torch's bfloat16 branch without a word)."""
+        ns_dtype = group.get("ns_dtype", "bfloat16")  # a checkpoint from before ns_dtype existed
+        check_ns_dtype(ns_dtype)
+        if ns_dtype == "float32" and tuple(group["ns_coefficients"]) != NS_COEFFICIENTS:
+            raise ValueError("MatrixMuon's float32 iteration has Jordan et al.'s coefficients only")
+        rule = rule_for(group["kind"], group["conv_groups"])
+        if not rule.matrix:
+            raise ValueError(f"MatrixMuon takes the kinds of matrix rules, not {group['kind']!r}")
+        for p in group["params"]:
+            rule.flat_matrices(p)  # a shape it cannot cut fails here
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)  # fills in the defaults first
+        try:
+            self._check_group(self.param_groups[-1])
+        except Exception:
+            self.param_groups.pop()  # a refused group is not kept
+            raise
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # checked before anything is loaded, so a refused checkpoint leaves this optimizer as it was;
+        # torch's own load refuses a group count or size that does not match
+        for saved, group in zip(state_dict["param_groups"], self.param_groups):
+            self._check_group({**saved, "params": group["params"]})
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
