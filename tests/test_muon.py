@@ -475,15 +475,20 @@ def test_the_compare_grid_reruns_methods_and_tuned_lrs_at_later_seeds_model_by_m
     assert tables[-1] == "charlm-3x" and archs[-1] == "charlm"
     lm = [s.name for s in specs if tables[specs.index(s)] == "charlm"]
     later = {n[:-3] for n in lm if not n.endswith("-s0")}
-    assert later == {f"charlm-{c}" for c in (*grids.COMPARE_METHODS, "adamw-lr3e-03", "muon-rms-lr1e-02")}
+    # the tuned ones with the linear schedule too: the default is judged against them at 3 seeds
+    assert later == {f"charlm-{c}" for c in (*grids.COMPARE_METHODS, "adamw-lr3e-03", "muon-rms-lr1e-02",
+                                             "adamw-lr3e-03-linear", "muon-rms-lr1e-02-linear")}
     assert [n for n in lm if n.endswith("-s1")] == [n[:-3] + "-s1" for n in lm if n.endswith("-s0")
                                                      and n[:-3] in later]
     assert {"charlm-adamw-lr3e-03-linear-s0", "charlm-muon-rms-lr1e-02-linear-s0", "charlm-agd-orth-linear-s0",
             "charlm-agd-orth-normalised-s0", "charlm-agd-m0.9-gain10-s0"} <= set(lm)
     later = {s.name[:-3] for s in specs if grids.compare_table(s.name) == "tv-resnet18" and s.name.endswith("-s2")}
     assert later == {f"tv-resnet18-{c}" for c in grids.COMPARE_METHODS}  # no tuned lr known: methods only
-    linear = next(s for s in specs if s.name == "charlm-muon-rms-lr1e-02-linear-s0")
-    assert linear.argv[linear.argv.index("--schedule") + 1] == "linear"
+    for seed in range(3):
+        linear = next(s for s in specs if s.name == f"charlm-muon-rms-lr1e-02-linear-s{seed}")
+        assert linear.argv[-4:] == ("--schedule", "linear", "--seed", str(seed))
+    assert {s.name for s in specs if s.name.startswith("charlm-3x-") and "-linear-" in s.name} == {
+        f"charlm-3x-{c}-linear-s{seed}" for c in ("agd-orth", "adamw-lr3e-03", "muon-rms-lr1e-02") for seed in range(3)}
 
 
 def test_a_torch_without_muon_is_a_one_line_error(monkeypatch):
