@@ -496,9 +496,11 @@ def test_more_seeds_run_only_the_rows_whose_spread_hid_the_ordering_and_stop_at_
 
     specs = grids.grid_runs("compare", "small", seeds=grids.COMPARE_MORE_SEEDS_UPTO + 1)
     beyond = [s.name for s in specs if int(s.name.rsplit("-s", 1)[1]) >= grids.COMPARE_SEEDS]
-    # the CNN's AGD as shipped, AGD(model) and tuned Muon with and without the decay, at seeds 3 and 4
-    assert sorted(beyond) == sorted(f"cnn-{c}-s{seed}" for seed in (3, 4) for c in (
-        "agd-orth", "agd-orth-linear", "muon-rms-lr3e-03", "muon-rms-lr3e-03-linear"))
+    # the CNN's AGD as shipped, AGD(model) and tuned Muon with and without the decay, and the
+    # ResNet-18's AGD as shipped and tuned Muon with the decay, at seeds 3 and 4
+    assert sorted(beyond) == sorted([f"cnn-{c}-s{seed}" for seed in (3, 4) for c in (
+        "agd-orth", "agd-orth-linear", "muon-rms-lr3e-03", "muon-rms-lr3e-03-linear")] + [
+        f"tv-resnet18-{c}-s{seed}" for seed in (3, 4) for c in ("agd-orth-linear", "muon-orig-lr3e-02-linear")])
     by_name = {s.name: s for s in specs}
     assert by_name["cnn-muon-rms-lr3e-03-linear-s4"].argv[-4:] == ("--schedule", "linear", "--seed", "4")
     assert by_name["cnn-agd-orth-s3"].argv == (*by_name["cnn-agd-orth-s0"].argv[:-1], "3")  # only the seed differs

@@ -213,7 +213,7 @@ INTRO = ("Every optimizer at equal steps on each model (issue 21). Learning rate
          "`match_rms_adamw` and four at torch's default (`original`); \"tuned Muon\" is the best of both. Seeds 1 "
          "and 2 rerun each method and each tuned lr, with and without the linear decay, so those rows have 3 "
          "seeds; seeds 3 and 4 rerun the rows where 3 left AGD as shipped and a rival inside each other's spread "
-         "(`grids.COMPARE_MORE_SEEDS`: the CNN's), and the controls have one. "
+         "(`grids.COMPARE_MORE_SEEDS`: on the CNN and the ResNet-18), and the controls have one. "
          "`agd` is the trainer's default, the paper's rule; `agd-orth` is AGD with `--agd-direction orthogonal "
          "--momentum 0.9` (docs/rules.md, \"The orthogonal direction\"), what `AGD(model)` defaults to; "
          "`agd-orth-linear` adds `--schedule linear` (the lr multiplier decayed linearly to 0 over the run: the "
