@@ -201,6 +201,11 @@ def _target(model: Model) -> list[str]:
     # a verdict against the rivals run so far says which have not run: "met" is not met by all yet
     missing = [name for name, config in rivals.items() if config not in model.groups]
     unrun = f" (not run yet: {', '.join(missing)})" if missing else ""
+    def verdict(config: str, names: Sequence[str]) -> str:
+        a = final_stat(model.groups[config], model.metric.key)
+        behind = [n for n in names if model.metric.gap(a, final_stat(model.groups[n], model.metric.key)) > 0]
+        return "**met**" if not behind else f"**missed**: behind {', '.join(behind)}"
+
     lines = []
     for config, what in TARGETS:
         if config not in model.groups:
@@ -209,16 +214,11 @@ def _target(model: Model) -> list[str]:
         if not others:
             lines.append(f"{head}: cannot be checked yet.")
             continue
-        a = final_stat(model.groups[config], model.metric.key)
-        behind = [n for n in others if model.metric.gap(a, final_stat(model.groups[n], model.metric.key)) > 0]
-        verdict = "**met**" if not behind else f"**missed**: behind {', '.join(behind)}"
-        lines.append(f"{head}: {verdict}{unrun}.")
+        lines.append(f"{head}: {verdict(config, others)}{unrun}.")
         decayed = [n for n, _ in _decayed(model) if n in model.groups]
         if config == SHIPPED and decayed:  # like with like: the tuned ones given the same decay
-            behind = [n for n in decayed if model.metric.gap(a, final_stat(model.groups[n], model.metric.key)) > 0]
-            verdict = "**met**" if not behind else f"**missed**: behind {', '.join(behind)}"
             lines.append(f"Target for AGD as shipped against tuned AdamW and tuned Muon given the same linear decay: "
-                         f"{verdict}.")
+                         f"{verdict(config, decayed)}.")
     return lines or ["Target: cannot be checked yet (no AGD row has run)."]
 
 
