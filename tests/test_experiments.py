@@ -569,6 +569,9 @@ def test_only_runs_the_matching_runs_in_the_grids_order_and_refuses_a_pattern_ma
     trainer = FakeTrainer()
     assert sweep.run(_sweep_args("batch", tmp_path, seeds=2, only="bs4096-s1"), runner=trainer) == 0
     assert [call[-1].rsplit("/", 1)[-1] for call in trainer.calls] == ["bs4096-s1"]
+    # the rest of the grid stays listed in sweep.json, so a results page names them as not run yet
+    listed = json.loads((tmp_path / "batch" / sweep.SWEEP_MANIFEST).read_text())["runs"]
+    assert sorted(listed) == sorted(s.name for s in sweep.grid_runs("batch", "small", seeds=2)) and len(listed) == 8
     names = [s.name for s in sweep.only(sweep.grid_runs("batch", "small", seeds=2), ["bs1*-s0", "*-s1"])]
     assert names == ["bs128-s0", "bs1024-s0", "bs32-s1", "bs128-s1", "bs1024-s1", "bs4096-s1"]
     with pytest.raises(UsageError, match=r"^--only 'bs64-\*' matches none of the grid's 8 runs \(names like bs32-s0\)"):

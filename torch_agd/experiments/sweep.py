@@ -122,15 +122,18 @@ class SweepOutcome:
 
 def run_sweep(name: str, specs: Sequence[RunSpec], root: Path, runner: Runner, *,
               scale: str = "small", jobs: int = 1, log: Callable[[str], None] = print,
-              records: Path | None = None) -> SweepOutcome:
+              records: Path | None = None, listed: Sequence[RunSpec] | None = None) -> SweepOutcome:
     """Run what is left of ``specs`` into root/name/; ``jobs`` runs at a time. ``records``: keep
-    each finished run's record under records/name/ (keep_record), those finished before too."""
+    each finished run's record under records/name/ (keep_record), those finished before too.
+    ``listed``: the whole grid, written into sweep.json (default ``specs``), so that a sweep of
+    some of its runs (--only) leaves the rest listed, and a results page names them as not run."""
     sweep_dir = Path(root) / name
-    manifest = _check_manifest(sweep_dir, name, scale, specs)
+    listed = specs if listed is None else listed
+    manifest = _check_manifest(sweep_dir, name, scale, listed)
     rundir.write_json(sweep_dir / SWEEP_MANIFEST, manifest)
     kept = None if records is None else Path(records) / name
     if kept is not None:  # the records' own manifest: every run listed, whether or not kept yet
-        rundir.write_json(kept / SWEEP_MANIFEST, _check_manifest(kept, name, scale, specs))
+        rundir.write_json(kept / SWEEP_MANIFEST, _check_manifest(kept, name, scale, listed))
     outcome = SweepOutcome([], [], [])
     todo = []
     recorded = 0
@@ -232,9 +235,9 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
     if args.jobs < 1 or args.threads < 1:
         raise UsageError("--jobs and --threads must be at least 1")
     extra = ["--data-dir", str(args.data_dir)] if args.data_dir else []
-    specs = grid_runs(args.name, args.scale, args.seeds, args.dataset, args.epochs, extra)
+    grid = specs = grid_runs(args.name, args.scale, args.seeds, args.dataset, args.epochs, extra)
     if args.only:
-        specs = only(specs, args.only)
+        specs = only(grid, args.only)
     sweep_dir = Path(args.root) / args.name
     kept = None if args.records is None else Path(args.records) / args.name
     if args.dry_run:
@@ -243,7 +246,7 @@ def run(args: argparse.Namespace, runner: Runner | None = None) -> int:
             print(f"{state:6}  agd train {' '.join(spec.argv)} --out {sweep_dir / spec.name}")
         return 0
     outcome = run_sweep(args.name, specs, args.root, runner or SubprocessRunner(args.threads),
-                        scale=args.scale, jobs=args.jobs, records=args.records)
+                        scale=args.scale, jobs=args.jobs, records=args.records, listed=grid)
     dirs = [sweep_dir / spec.name if has_metrics(sweep_dir / spec.name) or kept is None else kept / spec.name
             for spec in specs]
     runs = [load_run(run_dir) for run_dir in dirs if has_metrics(run_dir)]
