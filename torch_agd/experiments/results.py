@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 from torch_agd.atomic import atomic_write_text
 from torch_agd.errors import UsageError
-from torch_agd.experiments import results_compare, results_models, results_momentum
+from torch_agd.experiments import results_compare, results_merge, results_models, results_momentum
 from torch_agd.experiments.findings import (
     ACCURACY_HEADERS, Finding, Section, accuracy_cells, best_group, loss_text, pct, versus,
 )
@@ -292,6 +292,19 @@ def render_page(root: Path, page: Path, figures: Path, only: Sequence[str] | Non
     return render_markdown(root, grids, links, only)
 
 
+def _update(args: argparse.Namespace) -> str:
+    """The page at --out with the sections of --grids rendered again (results_merge.py)."""
+    if not args.grids:
+        raise UsageError("--update renders only the grids named by --grids into the page; name them")
+    if not args.out.is_file():
+        raise UsageError(f"--update needs the page to update at {args.out}; leave --update out to write it")
+    new = render_page(args.root, args.out, args.figures, args.grids)
+    command = (f"python -m torch_agd.experiments.results {args.root} --grids {' '.join(args.grids)} "
+               f"--out {args.out} --update")
+    return results_merge.merge_pages(args.out.read_text(), new, args.grids, command, order=GRID_ORDER,
+                                     titles=TITLES, short=SHORT, subsections=SUBSECTIONS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m torch_agd.experiments.results",
                                      description="write docs/results.md from sweep directories")
@@ -300,9 +313,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--figures", type=Path, default=Path("docs/figures"))
     parser.add_argument("--grids", nargs="+", metavar="GRID",
                         help="a page of these grids alone (default: every grid, the full page)")
+    parser.add_argument("--update", action="store_true",
+                        help="render the --grids' sections into the page at --out in place of its "
+                             "old ones, keeping its other sections (grids whose runs are gone)")
     args = parser.parse_args(argv)
     try:
-        text = render_page(args.root, args.out, args.figures, args.grids)
+        text = _update(args) if args.update else render_page(args.root, args.out, args.figures, args.grids)
     except UsageError as exc:
         print(f"results: error: {exc}", file=sys.stderr)
         return 2
