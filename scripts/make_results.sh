@@ -24,10 +24,11 @@ JOBS=${JOBS:-1}
 SCALE=${SCALE:-small}
 GRIDS=${GRIDS:-lr shape batch batch-steps peers momentum models libraries compare}
 
+# compare reruns a few rows at more seeds, where 3 hid the ordering (grids.COMPARE_MORE_SEEDS)
+COMPARE_SEEDS=$("$PYTHON" -c "from torch_agd.experiments.grids import COMPARE_MORE_SEEDS_UPTO as n; print(n)")
 for grid in $GRIDS; do
     seeds=$SEEDS
-    # compare reruns a few rows at seeds 3 and 4, where 3 seeds hid the ordering (grids.COMPARE_MORE_SEEDS)
-    if [ "$grid" = compare ] && [ "$seeds" -lt 5 ]; then seeds=5; fi
+    if [ "$grid" = compare ] && [ "$seeds" -lt "$COMPARE_SEEDS" ]; then seeds=$COMPARE_SEEDS; fi
     "$PYTHON" -m torch_agd sweep "$grid" --scale "$SCALE" --seeds "$seeds" --jobs "$JOBS" --root "$ROOT" --records "$RECORDS"
 done
 "$PYTHON" -m torch_agd.experiments.results "$RECORDS" --out docs/results.md --figures docs/figures

@@ -419,11 +419,12 @@ def compare_configs(model: str, seed: int) -> dict[str, tuple[str, ...]]:
     lrs = _lr_configs(base)
     tuned = {name: lrs[name] for name in COMPARE_TUNED.get(base, ())}
     linear = {f"{name}-linear": (*flags, "--schedule", "linear") for name, flags in tuned.items()}
+    every_seed = {**COMPARE_METHODS, **tuned, **linear}
     if seed >= COMPARE_SEEDS:
         more = COMPARE_MORE_SEEDS.get(model, ()) if seed < COMPARE_MORE_SEEDS_UPTO else ()
-        return {name: flags for name, flags in {**COMPARE_METHODS, **tuned, **linear}.items() if name in more}
+        return {name: flags for name, flags in every_seed.items() if name in more}
     if model in COMPARE_LONGER or seed > 0:
-        return {**COMPARE_METHODS, **tuned, **linear}
+        return every_seed
     controls = {**COMPARE_CONTROLS, **(CONV_CONTROLS if model in CONV_MODELS else {})}
     return {**COMPARE_METHODS, **controls, **lrs, **linear}
 

@@ -164,7 +164,8 @@ def _findings(model: Model) -> list[Finding]:
         decayed = _decayed(model) if config == SHIPPED else []
         for other, other_name in [*others, *decayed]:
             if other in model.groups:
-                lr = f" ({_lr_of(model, other.removesuffix('-linear'))})" if other_name.startswith("tuned") else ""
+                tuned = other.removesuffix("-linear")
+                lr = f" ({_lr_of(model, tuned)})" if tuned in (model.adamw, model.muon) else ""
                 found.append(compare(model.groups[config], model.groups[other], name, other_name + lr,
                                      metric=model.metric))
     pairs = [("agd-orth", "agd-m0.9", "orthogonal AGD", "AGD with momentum 0.9 (the paper's direction)"),
@@ -206,6 +207,7 @@ def _target(model: Model) -> list[str]:
         behind = [n for n in names if model.metric.gap(a, final_stat(model.groups[n], model.metric.key)) > 0]
         return "**met**" if not behind else f"**missed**: behind {', '.join(behind)}"
 
+    decayed = [n for n, _ in _decayed(model) if n in model.groups]
     lines = []
     for config, what in TARGETS:
         if config not in model.groups:
@@ -215,7 +217,6 @@ def _target(model: Model) -> list[str]:
             lines.append(f"{head}: cannot be checked yet.")
             continue
         lines.append(f"{head}: {verdict(config, others)}{unrun}.")
-        decayed = [n for n, _ in _decayed(model) if n in model.groups]
         if config == SHIPPED and decayed:  # like with like: the tuned ones given the same decay
             lines.append(f"Target for AGD as shipped against tuned AdamW and tuned Muon given the same linear decay: "
                          f"{verdict(config, decayed)}.")

@@ -19,24 +19,21 @@ LOSSES = "## Where AGD loses"
 NOWHERE = "Nowhere in these runs."
 
 
-def _heading(grid: str, titles: Mapping[str, str], subsections: Sequence[str]) -> str:
-    return f"{'###' if grid in subsections else '##'} {titles[grid]}"
-
-
-def split_page(page: str, order: Sequence[str], titles: Mapping[str, str], subsections: Sequence[str],
+def split_page(page: str, headings: Mapping[str, str],
                name: str = "the page") -> tuple[list[str], list[str], dict[str, list[str]]]:
     """(header lines, "Where AGD loses" bullets, each grid's section lines) of a page that
-    results.render_markdown wrote; a section runs from its grid's heading to the next grid's."""
+    results.render_markdown wrote; ``headings``: each grid's heading line (results.HEADINGS). A
+    section runs from its grid's heading to the next grid's."""
     lines = page.split("\n")
-    headings = {_heading(g, titles, subsections): g for g in order}
-    if LOSSES not in lines or not any(line in headings for line in lines):
+    grid_of = {line: g for g, line in headings.items()}
+    if LOSSES not in lines or not any(line in grid_of for line in lines):
         raise UsageError(f"{name} is not a results page this module wrote (no '{LOSSES}' and grid "
                          "sections); write it in full without --update")
     at = lines.index(LOSSES)
     header, losses, sections, grid = lines[:at], [], {}, None
     for line in lines[at + 1:]:
-        if line in headings:
-            grid = headings[line]
+        if line in grid_of:
+            grid = grid_of[line]
             sections[grid] = []
         if grid is None:
             losses += [line] if line.startswith("- ") else []
@@ -51,13 +48,15 @@ def _loss_grid(line: str, short: Mapping[str, str]) -> str | None:
     return max(owners, key=lambda g: len(short[g]), default=None)
 
 
-def merge_pages(old: str, new: str, grids: Sequence[str], command: str, *, order: Sequence[str],
-                titles: Mapping[str, str], short: Mapping[str, str], subsections: Sequence[str]) -> str:
+def merge_pages(old: str, new: str, grids: Sequence[str], command: str, *, headings: Mapping[str, str],
+                short: Mapping[str, str]) -> str:
     """``old`` with the sections of ``grids`` (and their losses) taken from ``new``, a page of
     those grids alone, which ``command`` rendered; the header gets a line per grid naming the
-    command, in place of the line an earlier update left for that grid."""
-    old_header, old_losses, old_sections = split_page(old, order, titles, subsections, "the page to update")
-    _, new_losses, new_sections = split_page(new, order, titles, subsections, "the new sections")
+    command, in place of the line an earlier update left for that grid. ``headings`` (in the
+    page's grid order) and ``short`` (the losses' prefixes): results.HEADINGS and results.SHORT."""
+    old_header, old_losses, old_sections = split_page(old, headings, "the page to update")
+    _, new_losses, new_sections = split_page(new, headings, "the new sections")
+    order = list(headings)
     losses, body = [], []
     for grid in order:
         source_losses, sections = (new_losses, new_sections) if grid in grids else (old_losses, old_sections)
